@@ -1,0 +1,105 @@
+"""python -m lean.cache build|info|verify: make, describe and check a cache."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lean.cache.reader import Cache
+from lean.cache.verify import first_mismatch
+from lean.cache.writer import build
+from lean.cli import Parser, run
+from lean.errors import LeanError
+from lean.progress import Progress
+from lean.sources import PennFudanSource, default_root
+from lean.synthetic import SyntheticSource
+from lean.targets import is_degenerate
+
+DEFAULT_OUT = {"pennfudan": Path("cache/pennfudan.h5"), "synthetic": Path("cache/synthetic.h5")}
+
+
+def parse_args(argv):
+    parser = Parser(prog="python -m lean.cache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    make = commands.add_parser("build", help="build a cache from a PennFudan folder or the synthetic source")
+    make.add_argument("--source", choices=["pennfudan", "synthetic"], default="pennfudan")
+    make.add_argument("--root", type=Path, help="PennFudan folder (default: $LEAN_PENNFUDAN, data/PennFudanPed, or download)")
+    make.add_argument("--out", type=Path, help="cache file (default: cache/pennfudan.h5 or cache/synthetic.h5)")
+    make.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per core)")
+    make.add_argument("--num-images", type=int, default=200, help="synthetic source: how many images")
+    make.add_argument("--seed", type=int, default=0, help="synthetic source: which images")
+
+    describe = commands.add_parser("info", help="what a cache holds")
+    describe.add_argument("path", type=Path)
+
+    check = commands.add_parser("verify", help="derive every example again and compare with the cache")
+    check.add_argument("path", type=Path)
+    check.add_argument("--root", type=Path, help="PennFudan folder, if not where the cache was built from")
+
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        if args.workers < 0:
+            parser.error(f"argument --workers: must be 0 or more, got {args.workers}")
+        if args.num_images < 1:
+            parser.error(f"argument --num-images: must be at least 1, got {args.num_images}")
+        if args.source == "synthetic" and args.root is not None:
+            parser.error("argument --root: applies to --source pennfudan only")
+    return args
+
+
+def source_from(kind, root=None, num_images=None, seed=None):
+    if kind == "synthetic":
+        return SyntheticSource(num_images, seed)
+    return PennFudanSource(default_root(root))
+
+
+def command_build(args):
+    source = source_from(args.source, args.root, args.num_images, args.seed)
+    out = args.out or DEFAULT_OUT[args.source]
+    build(source, out, workers=args.workers)
+    print(f"wrote {out} ({len(source)} images)")
+
+
+def command_info(args):
+    cache = Cache(args.path)
+    boxes = cache.instances["boxes"]
+    heights, widths = cache.sizes[:, 0], cache.sizes[:, 1]
+    rows = [
+        ("file", f"{args.path} ({os.path.getsize(args.path) / 2**20:.1f} MiB)"),
+        ("source", ", ".join(f"{key}={value}" for key, value in cache.params.items())),
+        ("images", f"{len(cache)} ({heights.min()}-{heights.max()} x {widths.min()}-{widths.max()} px, H x W)"),
+        ("pixels", f"{int(cache.pixel_offsets[-1])} ({int(cache.pixel_offsets[-1]) * 4 / 2**20:.1f} MiB of RGB and instance ids)"),
+        ("instances", f"{len(boxes)} (0-{np.diff(cache.instance_offsets).max()} per image)"),
+        ("degenerate", f"{int(is_degenerate(boxes).sum())} (zero-width or zero-height boxes; left out of training targets)"),
+        ("fingerprint", cache.fingerprint),
+    ]
+    for key, value in rows:
+        print(f"{key:<12} {value}")
+
+
+def command_verify(args):
+    cache = Cache(args.path)
+    params = cache.params
+    if params.get("source") == "synthetic":
+        source = SyntheticSource(params["num_images"], params["seed"])
+    else:
+        root = args.root or Path(params.get("root", ""))
+        if not root.is_dir():
+            raise LeanError(f"{root}: the PennFudan folder the cache was built from is gone; pass --root DIR")
+        source = PennFudanSource(root)
+    mismatch = first_mismatch(cache, source, Progress(len(source), "verify"))
+    if mismatch:
+        print(f"MISMATCH {args.path}: {mismatch}")
+        return 1
+    print(f"OK {args.path}: {len(cache)} images and their targets match the source")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return {"build": command_build, "info": command_info, "verify": command_verify}[args.command](args)
+
+
+if __name__ == "__main__":
+    run(main)

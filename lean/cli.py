@@ -1,0 +1,30 @@
+"""What every lean command shares: one-line errors, exit statuses, Ctrl-C."""
+
+import argparse
+import sys
+
+from lean.errors import LeanError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run(main, argv=None):
+    """Run `main(argv)`; LeanError and Ctrl-C become one line on stderr and a non-zero exit."""
+    try:
+        status = main(argv)
+    except LeanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(status or 0)

@@ -1,0 +1,167 @@
+"""Where examples come from: a PennFudan-format folder of PNG images and instance-id masks.
+
+A source is a list of named examples whose sizes are known before any pixel
+is decoded (the cache builder lays out its arrays from them), and a `load(i)`
+that returns `(image, id_map, digest)`: an H x W x 3 uint8 RGB image, its
+H x W uint8 instance-id map renumbered 1..N (see targets.compact_instance_map),
+and a sha256 of the bytes it came from.
+
+Sources are picklable so that build workers can each load their share.
+"""
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lean.errors import LeanError
+from lean.targets import TooManyInstances, compact_instance_map
+
+IMAGE_DIR = "PNGImages"
+MASK_DIR = "PedMasks"
+MASK_SUFFIX = "_mask"
+# Integer modes PIL decodes single-channel PNGs into; anything else is not an id map.
+MASK_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")
+
+
+def find_pairs(root):
+    """(name, image path, mask path) for every example under `root`, paired by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LeanError(f"{root}: no such folder")
+    images = _pngs(root / IMAGE_DIR, root)
+    masks = _pngs(root / MASK_DIR, root)
+    mask_names = {}
+    for name, path in masks.items():
+        if not name.endswith(MASK_SUFFIX):
+            raise LeanError(f"{path}: mask name does not end in {MASK_SUFFIX}.png")
+        mask_names[name[: -len(MASK_SUFFIX)]] = path
+    for name, path in sorted(images.items()):
+        if name not in mask_names:
+            raise LeanError(f"{path}: image has no mask (expected {root / MASK_DIR / (name + MASK_SUFFIX + '.png')})")
+    for name, path in sorted(mask_names.items()):
+        if name not in images:
+            raise LeanError(f"{path}: mask has no image (expected {root / IMAGE_DIR / (name + '.png')})")
+    if not images:
+        raise LeanError(f"{root / IMAGE_DIR}: no PNG images")
+    return [(name, images[name], mask_names[name]) for name in sorted(images)]
+
+
+def _pngs(folder, root):
+    if not folder.is_dir():
+        raise LeanError(f"{root}: not a PennFudan folder (no {folder.name}/ inside)")
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        raise LeanError(f"{folder}: cannot list folder ({error.strerror or error})") from None
+    return {p.stem: p for p in entries if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+
+
+def png_size(path):
+    """(height, width) from the PNG header, without decoding pixels."""
+    try:
+        with Image.open(path) as image:
+            _check_png(image, path)
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise LeanError(f"{path}: not a readable PNG ({_reason(error)})") from None
+    return height, width
+
+
+def read_png(path):
+    """Decode a PNG file; returns (PIL image with its pixels loaded, sha256 of the file bytes)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise LeanError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        _check_png(image, path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise LeanError(f"{path}: not a readable PNG ({_reason(error)})") from None
+    return image, hashlib.sha256(data).digest()
+
+
+def _check_png(image, path):
+    if image.format != "PNG":
+        raise LeanError(f"{path}: not a PNG file (it holds {image.format or 'unknown'} data)")
+
+
+def _reason(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def to_rgb(image):
+    """H x W x 3 uint8 pixels of any PIL image: grayscale, palette and alpha images included."""
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def to_id_map(image, path):
+    """The H x W integer instance-id map of a mask image."""
+    if image.mode not in MASK_MODES:
+        raise LeanError(f"{path}: mask has mode {image.mode}; expected a single-channel instance-id map")
+    ids = np.asarray(image)
+    return ids.astype(np.uint8) if ids.dtype == bool else ids
+
+
+class PennFudanSource:
+    kind = "pennfudan"
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self._pairs = find_pairs(self.root)
+        self.names = [name for name, _, _ in self._pairs]
+
+    def __len__(self):
+        return len(self._pairs)
+
+    def params(self):
+        return {"source": self.kind, "root": str(self.root.resolve())}
+
+    def sizes(self):
+        """(N, 2) int64 (height, width) of every image, read from PNG headers and checked against the masks."""
+        sizes = np.zeros((len(self), 2), dtype=np.int64)
+        for i, (_, image_path, mask_path) in enumerate(self._pairs):
+            sizes[i] = png_size(image_path)
+            mask_size = png_size(mask_path)
+            if mask_size != tuple(sizes[i]):
+                raise LeanError(
+                    f"{mask_path}: mask is {_hw(mask_size)} but its image {image_path.name} is {_hw(sizes[i])}"
+                )
+        return sizes
+
+    def load(self, i):
+        _, image_path, mask_path = self._pairs[i]
+        image, image_digest = read_png(image_path)
+        mask, mask_digest = read_png(mask_path)
+        pixels = to_rgb(image)
+        id_map = to_id_map(mask, mask_path)
+        if id_map.shape != pixels.shape[:2]:
+            raise LeanError(f"{mask_path}: mask is {_hw(id_map.shape)} but its image is {_hw(pixels.shape)}")
+        try:
+            id_map = compact_instance_map(id_map)
+        except TooManyInstances as error:
+            raise LeanError(f"{mask_path}: mask has {error}") from None
+        return pixels, id_map, hashlib.sha256(image_digest + mask_digest).digest()
+
+
+def _hw(shape):
+    return f"{shape[1]}x{shape[0]}"
+
+
+def default_root(root=None, download_to="data"):
+    """The PennFudan folder to use: `root`, else $LEAN_PENNFUDAN, else data/PennFudanPed, else a download."""
+    if root is not None:
+        return Path(root)
+    if os.environ.get("LEAN_PENNFUDAN"):
+        return Path(os.environ["LEAN_PENNFUDAN"])
+    local = Path(download_to) / "PennFudanPed"
+    if local.is_dir():
+        return local
+    from lean.download import fetch_pennfudan
+
+    return fetch_pennfudan(Path(download_to))

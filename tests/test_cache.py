@@ -1,0 +1,333 @@
+"""The cache round trip, the build command, and every kind of bad input it must refuse cleanly."""
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from lean.cache import Cache, build
+from lean.cache.__main__ import main as cache_main
+from lean.errors import LeanError
+from lean.sources import PennFudanSource
+from lean.synthetic import SyntheticSource
+from lean.targets import compact_instance_map, targets
+from tests.conftest import cli, write_pennfudan
+from tests.test_targets import instance_maps
+
+
+class ArraySource:
+    """Examples held in memory: the smallest thing with a source's interface."""
+
+    kind = "arrays"
+
+    def __init__(self, examples, fail_at=None, failure=LeanError):
+        self.examples, self.fail_at, self.failure = examples, fail_at, failure
+        self.names = [f"ex{i}" for i in range(len(examples))]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def params(self):
+        return {"source": self.kind}
+
+    def sizes(self):
+        return np.array([image.shape[:2] for image, _ in self.examples], dtype=np.int64)
+
+    def load(self, i):
+        if i == self.fail_at:
+            raise self.failure(f"{self.names[i]}: made to fail")
+        image, id_map = self.examples[i]
+        return image, compact_instance_map(id_map), hashlib.sha256(image.tobytes()).digest()
+
+
+@st.composite
+def examples(draw):
+    id_map = draw(instance_maps())
+    seed = draw(st.integers(0, 2**16))
+    image = np.random.default_rng(seed).integers(0, 256, (*id_map.shape, 3), dtype=np.uint8)
+    return image, id_map
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(examples(), min_size=1, max_size=4))
+def test_round_trip_returns_what_the_functions_return(tmp_path, batch):
+    path = build(ArraySource(batch), tmp_path / "c.h5", workers=0, progress=False)
+    cache = Cache(path)
+    assert len(cache) == len(batch)
+    assert cache.sizes.tolist() == [list(image.shape[:2]) for image, _ in batch]
+    for i, (image, id_map) in enumerate(batch):
+        assert cache.image(i).dtype == np.uint8 and np.array_equal(cache.image(i), image)
+        expected = targets(id_map, i)
+        got = cache.target(i)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key].numpy().dtype == value.dtype, key
+            assert np.array_equal(got[key].numpy(), value), key
+
+
+def test_parallel_build_equals_serial_build(tmp_path):
+    source = SyntheticSource(12, seed=3)
+    serial = Cache(build(source, tmp_path / "serial.h5", workers=0, progress=False))
+    parallel = Cache(build(source, tmp_path / "parallel.h5", workers=2, progress=False))
+    assert serial.fingerprint == parallel.fingerprint and serial.names == parallel.names
+    for i in range(len(source)):
+        assert np.array_equal(serial.image(i), parallel.image(i))
+        assert np.array_equal(serial.instance_map(i), parallel.instance_map(i))
+    assert all(np.array_equal(serial.instances[k], parallel.instances[k]) for k in serial.instances)
+
+
+def test_synthetic_source_is_a_function_of_its_arguments():
+    first, again, other = SyntheticSource(5, 1), SyntheticSource(5, 1), SyntheticSource(5, 2)
+    assert [first.load(i)[2] for i in range(5)] == [again.load(i)[2] for i in range(5)]
+    assert [first.load(i)[2] for i in range(5)] != [other.load(i)[2] for i in range(5)]
+    assert first.sizes().tolist() == [list(first.load(i)[0].shape[:2]) for i in range(5)]
+
+
+def test_cache_opens_lazily_in_each_process(tmp_path):
+    cache = Cache(build(SyntheticSource(4, 0), tmp_path / "c.h5", workers=0, progress=False))
+    cache.image(0)
+    assert len(pickle.dumps(cache)) < 10_000  # the pixels stay in the file
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        sums = pool.map(_pixel_sum, [(cache, i) for i in range(4)])
+    assert sums == [int(cache.image(i).sum()) for i in range(4)]
+
+
+def _pixel_sum(job):
+    cache, i = job
+    return int(cache.image(i).sum())
+
+
+# --- the build command on PNG folders -------------------------------------------------------------
+
+
+def test_build_command_pairs_files_by_name(small_folder, tmp_path, capsys):
+    out = tmp_path / "c.h5"
+    status, stdout, _ = cli(cache_main, ["build", "--root", str(small_folder), "--out", str(out), "--workers", "2"], capsys)
+    assert status == 0 and "6 images" in stdout
+    cache = Cache(out)
+    assert cache.names == sorted(p.stem for p in (small_folder / "PNGImages").iterdir())
+    for i, name in enumerate(cache.names):
+        image = np.asarray(Image.open(small_folder / "PNGImages" / f"{name}.png"))
+        assert np.array_equal(cache.image(i), image)
+
+
+def test_info_and_verify_report_on_a_good_cache(small_folder, tmp_path, capsys):
+    out = str(tmp_path / "c.h5")
+    cli(cache_main, ["build", "--root", str(small_folder), "--out", out], capsys)
+    status, stdout, _ = cli(cache_main, ["info", out], capsys)
+    count = Cache(out).instance_offsets[-1]
+    assert status == 0 and "images       6" in stdout and f"instances    {count} " in stdout
+    assert Cache(out).fingerprint in stdout
+    status, stdout, _ = cli(cache_main, ["verify", out], capsys)
+    assert status == 0 and stdout.startswith("OK")
+
+
+def test_verify_names_the_first_mismatch(small_folder, tmp_path, capsys):
+    out = str(tmp_path / "c.h5")
+    cli(cache_main, ["build", "--root", str(small_folder), "--out", out], capsys)
+    mask_path = small_folder / "PedMasks" / "Ped00002_mask.png"
+    id_map = np.asarray(Image.open(mask_path)).copy()
+    id_map[0, 0] = id_map.max() + 1  # a new one-pixel pedestrian
+    Image.fromarray(id_map).save(mask_path)
+    status, stdout, _ = cli(cache_main, ["verify", out], capsys)
+    assert status == 1 and "MISMATCH" in stdout and "Ped00002" in stdout
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA"])
+def test_non_rgb_images_are_converted_to_rgb(tmp_path, mode):
+    image, id_map = np.full((9, 11, 3), 100, np.uint8), np.zeros((9, 11), np.uint8)
+    id_map[2:5, 3:8] = 1
+    root = write_pennfudan(tmp_path / "d", [("a", image, id_map)])
+    Image.fromarray(image).convert(mode).save(root / "PNGImages" / "a.png")
+    cache = Cache(build(PennFudanSource(root), tmp_path / "c.h5", workers=0, progress=False))
+    expected = np.asarray(Image.open(root / "PNGImages" / "a.png").convert("RGB"))
+    assert cache.image(0).shape == (9, 11, 3) and np.array_equal(cache.image(0), expected)
+
+
+def test_sixteen_bit_masks_with_sparse_ids_are_renumbered(tmp_path):
+    image, id_map = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint16)
+    id_map[0:3, 0:3], id_map[4:8, 4:8] = 1000, 300
+    root = write_pennfudan(tmp_path / "d", [("a", image, id_map)])
+    assert Image.open(root / "PedMasks" / "a_mask.png").mode.startswith("I")
+    cache = Cache(build(PennFudanSource(root), tmp_path / "c.h5", workers=0, progress=False))
+    assert cache.target(0)["boxes"].tolist() == [[4, 4, 7, 7], [0, 0, 2, 2]]  # id 300 before id 1000
+
+
+# --- bad input: one line naming the file, a non-zero exit, the old cache untouched -----------------
+
+
+def _break_truncated(root):
+    path = root / "PNGImages" / "Ped00001.png"
+    path.write_bytes(path.read_bytes()[:200])
+    return path.name, "not a readable PNG"
+
+
+def _break_not_png(root):
+    path = root / "PNGImages" / "Ped00002.png"
+    Image.open(path).convert("RGB").save(path, format="JPEG")
+    return path.name, "not a PNG file"
+
+
+def _break_size_mismatch(root):
+    path = root / "PedMasks" / "Ped00003_mask.png"
+    Image.open(path).crop((0, 0, 40, 30)).save(path)
+    return path.name, "mask is 40x30 but its image"
+
+
+def _break_missing_mask(root):
+    (root / "PedMasks" / "Ped00004_mask.png").unlink()
+    return "Ped00004.png", "image has no mask"
+
+
+def _break_missing_image(root):
+    (root / "PNGImages" / "Ped00005.png").unlink()
+    return "Ped00005_mask.png", "mask has no image"
+
+
+def _break_unreadable_folder(root):
+    for path in (root / "PedMasks").iterdir():
+        path.unlink()
+    (root / "PedMasks").rmdir()
+    (root / "PedMasks").write_text("not a folder")
+    return str(root), "not a PennFudan folder"
+
+
+def _break_too_many_instances(root):
+    path = root / "PedMasks" / "Ped00000_mask.png"
+    height, width = np.asarray(Image.open(path)).shape
+    id_map = (np.arange(height * width) % 300 + 1).astype(np.uint16).reshape(height, width)
+    Image.fromarray(id_map).save(path)
+    return path.name, "300 instances"
+
+
+def _break_colour_mask(root):
+    path = root / "PedMasks" / "Ped00001_mask.png"
+    Image.open(path).convert("RGB").save(path)
+    return path.name, "mask has mode RGB"
+
+
+BREAKAGES = [
+    _break_truncated,
+    _break_not_png,
+    _break_size_mismatch,
+    _break_missing_mask,
+    _break_missing_image,
+    _break_unreadable_folder,
+    _break_too_many_instances,
+    _break_colour_mask,
+]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__[len("_break_") :])
+def test_bad_input_is_one_line_and_keeps_the_old_cache(small_folder, tmp_path, capsys, breakage, workers):
+    out = tmp_path / "cache" / "c.h5"
+    cli(cache_main, ["build", "--root", str(small_folder), "--out", str(out)], capsys)
+    before = out.read_bytes()
+    names, reason = breakage(small_folder)
+    status, stdout, stderr = cli(cache_main, ["build", "--root", str(small_folder), "--out", str(out), "--workers", workers], capsys)
+    assert status == 2
+    lines = [line for line in stderr.splitlines() if not line.startswith("build:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert names in lines[0] and reason in lines[0], lines[0]
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.h5"]  # no temporary file left behind
+
+
+def test_bad_input_from_the_real_command_line_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lean.cache", "build", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.h5")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
+    assert "Traceback" not in result.stderr and not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failed_build_leaves_the_old_cache_untouched(tmp_path, workers):
+    out = tmp_path / "c.h5"
+    build(SyntheticSource(6, 0), out, workers=0, progress=False)
+    before = out.read_bytes()
+    examples = [SyntheticSource(6, 1).load(i)[:2] for i in range(6)]
+    with pytest.raises(LeanError, match="ex4: made to fail"):
+        build(ArraySource(examples, fail_at=4), out, workers=workers, progress=False)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
+
+
+def test_ctrl_c_during_a_build_leaves_the_old_cache_untouched(tmp_path):
+    out = tmp_path / "c.h5"
+    build(SyntheticSource(3, 0), out, workers=0, progress=False)
+    before = out.read_bytes()
+    command = [sys.executable, "-m", "lean.cache", "build", "--source", "synthetic", "--num-images", "5000"]
+    process = subprocess.Popen(command + ["--out", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".c.h5.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into decoding
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.splitlines()[-1] == "interrupted"
+    assert "Traceback" not in stderr
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "truncated"),
+        (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100), "not a readable HDF5 file"),
+        (lambda p: h5py.File(p, "w").close(), "not a lean cache"),
+        (lambda p: p.write_text("hello"), "not a readable HDF5 file"),
+    ],
+    ids=["truncated", "corrupt", "foreign-hdf5", "text"],
+)
+def test_damaged_or_foreign_cache_is_refused_in_one_line(tmp_path, capsys, damage, reason):
+    path = build(SyntheticSource(8, 0), tmp_path / "c.h5", workers=0, progress=False)
+    damage(path)
+    for command in (["info", str(path)], ["verify", str(path)]):
+        status, _, stderr = cli(cache_main, command, capsys)
+        assert status == 2 and reason in stderr and str(path) in stderr and len(stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["build", "--workers", "-1"], "--workers: must be 0 or more"),
+        (["build", "--source", "synthetic", "--num-images", "0"], "--num-images: must be at least 1"),
+        (["build", "--source", "synthetic", "--root", "x"], "--root: applies to --source pennfudan only"),
+        (["build", "--source", "imagenet"], "invalid choice"),
+        (["info"], "the following arguments are required"),
+    ],
+)
+def test_bad_arguments_are_one_line(capsys, argv, reason):
+    status, _, stderr = cli(cache_main, argv, capsys)
+    assert status == 2 and reason in stderr and len(stderr.splitlines()) == 1
+
+
+class DyingSource(ArraySource):
+    def load(self, i):
+        if i == self.fail_at:
+            os._exit(1)  # as the kernel's out-of-memory killer would end it
+        return super().load(i)
+
+
+def test_a_worker_that_dies_fails_the_build_instead_of_hanging_it(tmp_path):
+    examples = [SyntheticSource(6, 1).load(i)[:2] for i in range(6)]
+    with pytest.raises(LeanError, match="worker process died"):
+        build(DyingSource(examples, fail_at=3), tmp_path / "c.h5", workers=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
