@@ -102,8 +102,10 @@ def targets(id_map, image_id):
 
 
 def flip_boxes(boxes, width):
-    """Boxes of the horizontally mirrored image, keeping the inclusive convention."""
-    flipped = boxes.copy()
-    flipped[:, 0] = width - 1 - boxes[:, 2]
-    flipped[:, 2] = width - 1 - boxes[:, 0]
+    """Boxes of the horizontally mirrored image, keeping the inclusive convention.
+
+    Works on numpy arrays and torch tensors alike; returns new memory.
+    """
+    flipped = (width - 1) - boxes[:, [2, 1, 0, 3]]
+    flipped[:, [1, 3]] = boxes[:, [1, 3]]
     return flipped

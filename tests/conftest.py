@@ -1,3 +1,4 @@
+import hashlib
 import os
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import pytest
 from PIL import Image
 
 from lean.cli import run
+from lean.errors import LeanError
+from lean.targets import compact_instance_map
 from lean.synthetic import synthesize
 
 REAL_DATA = os.environ.get("LEAN_PENNFUDAN")
@@ -35,3 +38,28 @@ def cli(main, argv, capsys):
         run(main, argv)
     out, err = capsys.readouterr()
     return exited.value.code, out, err
+
+
+class ArraySource:
+    """Examples held in memory: the smallest thing with a source's interface."""
+
+    kind = "arrays"
+
+    def __init__(self, examples, fail_at=None, failure=LeanError):
+        self.examples, self.fail_at, self.failure = examples, fail_at, failure
+        self.names = [f"ex{i}" for i in range(len(examples))]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def params(self):
+        return {"source": self.kind}
+
+    def sizes(self):
+        return np.array([image.shape[:2] for image, _ in self.examples], dtype=np.int64)
+
+    def load(self, i):
+        if i == self.fail_at:
+            raise self.failure(f"{self.names[i]}: made to fail")
+        image, id_map = self.examples[i]
+        return image, compact_instance_map(id_map), hashlib.sha256(image.tobytes()).digest()

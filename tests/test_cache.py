@@ -1,6 +1,5 @@
 """The cache round trip, the build command, and every kind of bad input it must refuse cleanly."""
 
-import hashlib
 import multiprocessing
 import os
 import pickle
@@ -22,33 +21,8 @@ from lean.errors import LeanError
 from lean.sources import PennFudanSource
 from lean.synthetic import SyntheticSource
 from lean.targets import compact_instance_map, targets
-from tests.conftest import cli, write_pennfudan
+from tests.conftest import ArraySource, cli, write_pennfudan
 from tests.test_targets import instance_maps
-
-
-class ArraySource:
-    """Examples held in memory: the smallest thing with a source's interface."""
-
-    kind = "arrays"
-
-    def __init__(self, examples, fail_at=None, failure=LeanError):
-        self.examples, self.fail_at, self.failure = examples, fail_at, failure
-        self.names = [f"ex{i}" for i in range(len(examples))]
-
-    def __len__(self):
-        return len(self.examples)
-
-    def params(self):
-        return {"source": self.kind}
-
-    def sizes(self):
-        return np.array([image.shape[:2] for image, _ in self.examples], dtype=np.int64)
-
-    def load(self, i):
-        if i == self.fail_at:
-            raise self.failure(f"{self.names[i]}: made to fail")
-        image, id_map = self.examples[i]
-        return image, compact_instance_map(id_map), hashlib.sha256(image.tobytes()).digest()
 
 
 @st.composite

@@ -58,7 +58,18 @@ class Cache:
     def _memmap(self, name, shape):
         if shape[0] == 0:
             return np.zeros(shape, dtype=np.uint8)
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._offsets[name], shape=shape)
+        # Copy-on-write, so torch can wrap it without complaint; nothing is ever written back to the file.
+        return np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._offsets[name], shape=shape)
+
+    def tensors(self):
+        """(pixels (P, 3), instance maps (P,)) of the whole cache as uint8 tensors over the memory map, no copy."""
+        maps = self._mapped()
+        return torch.from_numpy(maps["pixels"]), torch.from_numpy(maps["instance_maps"])
+
+    @staticmethod
+    def _read_only(view):
+        view.flags.writeable = False
+        return view
 
     def _span(self, i):
         if not -len(self) <= i < len(self):
@@ -70,13 +81,13 @@ class Cache:
         """H x W x 3 uint8 RGB pixels of image i (a read-only view)."""
         i, span = self._span(i)
         height, width = self.sizes[i]
-        return self._mapped()["pixels"][span].reshape(height, width, 3)
+        return self._read_only(self._mapped()["pixels"][span].reshape(height, width, 3))
 
     def instance_map(self, i):
         """H x W uint8 map of image i: 0 background, instances 1..n in target order (a read-only view)."""
         i, span = self._span(i)
         height, width = self.sizes[i]
-        return self._mapped()["instance_maps"][span].reshape(height, width)
+        return self._read_only(self._mapped()["instance_maps"][span].reshape(height, width))
 
     def instance_targets(self, i):
         """boxes, area, labels, iscrowd of image i as numpy arrays."""

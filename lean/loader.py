@@ -1,0 +1,363 @@
+"""Batches from the cache, gathered ahead in a background thread, onto the device.
+
+The flow per batch:
+
+    cache (memory-mapped)  --gather thread-->  pinned host slot  --side stream, non_blocking-->
+    device bytes  --unpack-->  float images, masks, boxes: what MaskRCNN.forward takes
+
+Which images form which batch, and which are flipped, are pure functions of
+(seed, epoch), computed from `cache.sizes` alone; the thread only copies
+bytes. So the batches are the same on every run, on CPU and CUDA, however
+far ahead the thread has read, and an epoch can be resumed at any batch.
+"""
+
+import queue
+import threading
+import time
+
+import numpy as np
+import torch
+
+from lean.targets import flip_boxes, is_degenerate, masks_of
+
+# Aspect-ratio bin edges on H / W, as torchvision's references make them (2 ** linspace(-1, 1, 7)).
+ASPECT_EDGES = 2.0 ** np.linspace(-1, 1, 7)
+PREFETCH = 2  # batches gathered ahead of the one the device is working on
+ALIGN = 8  # byte alignment of each array packed into a slot, so it can be viewed as int64
+TUTORIAL_TEST_SIZE = 50
+
+
+def split_indices(count, seed=0, test_size=None):
+    """(train, test) cache indices: a seeded permutation, its last `test_size` for testing.
+
+    The tutorial's split: 50 test images (120 train on Penn-Fudan). A dataset
+    too small for that keeps a fifth for testing, at least one image.
+    """
+    if test_size is None:
+        test_size = TUTORIAL_TEST_SIZE if count >= 2 * TUTORIAL_TEST_SIZE else max(1, count // 5)
+    if not 0 < test_size < count:
+        raise ValueError(f"test size {test_size} leaves no image to train or test on out of {count}")
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[:-test_size]), np.sort(order[-test_size:])
+
+
+def aspect_groups(sizes):
+    """Aspect-ratio bin of every image, from its (H, W)."""
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    return np.digitize(sizes[:, 0] / sizes[:, 1], ASPECT_EDGES)
+
+
+def epoch_batches(groups, indices, batch_size, seed, epoch, rank=0, world_size=1, drop_last=False):
+    """The batches (lists of cache indices) rank `rank` sees in `epoch`.
+
+    A fresh permutation per (seed, epoch), shared by all ranks, is split into
+    world_size interleaved shards of equal length: with drop_last the tail
+    that does not divide evenly is left out, else the permutation wraps
+    around to fill the last places (as DistributedSampler does). Within a
+    shard, batches are filled one aspect-ratio group at a time; what is left
+    in the groups at the end is batched together, so every batch but the last
+    is full and every rank has the same number of batches.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(np.asarray(indices))
+    if world_size > 1:
+        if drop_last:
+            order = order[: len(order) // world_size * world_size]
+        else:
+            order = np.resize(order, -(-len(order) // world_size) * world_size)  # wraps around
+        order = order[rank::world_size]
+    batches, pending = [], {}
+    for index in order.tolist():
+        group = pending.setdefault(groups[index], [])
+        group.append(index)
+        if len(group) == batch_size:
+            batches.append(group)
+            pending[groups[index]] = []
+    leftovers = [index for group in pending.values() for index in group]
+    batches += [leftovers[i : i + batch_size] for i in range(0, len(leftovers), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def flip_decisions(seed, epoch, count):
+    """Whether each cache index is flipped in `epoch`: p = 0.5, independent of batching."""
+    return np.random.default_rng([seed, epoch, 1]).random(count) < 0.5
+
+
+class _Slot:
+    """One reusable pinned host buffer a batch is packed into for the copy to the device."""
+
+    def __init__(self, capacity):
+        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+        self.copied = None  # CUDA event: the device copy of this slot's last batch has finished reading it
+        self.layout = None
+
+
+# What a batch carries per image besides pixels and map; "ids" are the map values of the kept instances.
+_FIELDS = {"image_id": torch.int64, "ids": torch.int64, "boxes": torch.float32, "area": torch.float32, "labels": torch.int64, "iscrowd": torch.int64}
+
+
+def _instance_parts(cache, index, train):
+    """numpy arrays of one image's id and of the instances it trains on."""
+    instances = cache.instance_targets(index)
+    keep = ~is_degenerate(instances["boxes"]) if train else np.ones(len(instances["boxes"]), dtype=bool)
+    return {
+        "image_id": np.array([index], dtype=np.int64),
+        "ids": np.flatnonzero(keep).astype(np.int64) + 1,  # instance k is map value k + 1
+        **{name: instances[name][keep] for name in ("boxes", "area", "labels", "iscrowd")},
+    }
+
+
+def _mapped_parts(cache, batch, train):
+    """Per image: pixels and map as zero-copy tensors over the memory-mapped cache, and its instance arrays."""
+    pixels, maps = cache.tensors()
+    parts = []
+    for index in batch:
+        height, width = (int(side) for side in cache.sizes[index])
+        span = slice(int(cache.pixel_offsets[index]), int(cache.pixel_offsets[index + 1]))
+        fields = {name: torch.from_numpy(array) for name, array in _instance_parts(cache, index, train).items()}
+        parts.append({"pixels": pixels[span].view(height, width, 3), "map": maps[span].view(height, width), **fields})
+    return parts
+
+
+def _pack(cache, batch, slot, train):
+    """Copy a batch's pixels, maps and instance arrays into `slot`, each 8-byte aligned; returns the bytes used.
+
+    `slot.layout` records, per image, its size and each part's byte span.
+    """
+    host = slot.buffer.numpy()
+    cursor = 0
+    layout = []
+    for index in batch:
+        arrays = {"pixels": cache.image(index), "map": cache.instance_map(index), **_instance_parts(cache, index, train)}
+        spans = {}
+        for name, array in arrays.items():
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            host[cursor : cursor + data.size] = data
+            spans[name] = cursor, cursor + data.size
+            cursor = -(-(cursor + data.size) // ALIGN) * ALIGN
+        layout.append({"size": tuple(int(side) for side in cache.sizes[index]), **spans})
+    slot.layout = layout
+    return cursor
+
+
+def _unpacked_parts(data, layout):
+    """The parts _pack laid out, as views of `data` (the slot's bytes, on whichever device they now are)."""
+    parts = []
+    for item in layout:
+        height, width = item["size"]
+        part = {name: data[slice(*item[name])].view(dtype) for name, dtype in _FIELDS.items()}
+        part["pixels"] = data[slice(*item["pixels"])].view(height, width, 3)
+        part["map"] = data[slice(*item["map"])].view(height, width)
+        parts.append(part)
+    return parts
+
+
+def _masks(id_map, ids):
+    """N x H x W uint8 masks, one per id."""
+    if id_map.device.type == "cpu":  # numpy's compare is about 10x faster than torch's broadcast one on CPU
+        return torch.from_numpy(masks_of(id_map.numpy(), ids.numpy()))
+    return (id_map.unsqueeze(0) == ids.view(-1, 1, 1)).view(torch.uint8)
+
+
+def assemble(parts, flips, dtype=torch.float32):
+    """Model inputs from a batch's parts: ([3 x H x W image], [target dict]).
+
+    Images are in [0, 1] when `dtype` is floating (what torchvision's
+    MaskRCNN takes), or uint8 as stored, for a model that folds the
+    conversion into its normalisation (lean's does). Either way they lie
+    channels-last in memory (a 3 x H x W view of H x W x 3 pixels): one pass
+    over the pixels, no transposing copy. Images and masks are new memory;
+    the small target tensors may be views of the parts, which is safe as
+    long as nothing reuses the parts' memory (the memory map is never
+    written, and each device copy is a fresh allocation).
+    """
+    images, targets = [], []
+    for part in parts:
+        pixels, id_map, boxes = part["pixels"], part["map"], part["boxes"].view(-1, 4)
+        flipped = bool(flips[int(part["image_id"][0])])
+        if flipped:  # flip uint8 pixels and the map: cheaper than floats and masks
+            pixels, id_map = pixels.flip(1), id_map.flip(1)
+            boxes = flip_boxes(boxes, pixels.shape[1])
+        image = pixels.permute(2, 0, 1)
+        if dtype.is_floating_point:
+            image = image.to(dtype).mul_(1 / 255)
+        elif not flipped:  # flip() copied already; the memory map itself is never handed out
+            image = image.clone()
+        target = {name: part[name] for name in ("labels", "image_id", "area", "iscrowd")}
+        target["boxes"] = boxes
+        target["masks"] = _masks(id_map, part["ids"].to(torch.uint8))
+        images.append(image)
+        targets.append(target)
+    return images, targets
+
+
+class Loader:
+    """Iterate one epoch of (images, targets) batches on `device`; see the module docstring.
+
+    `set_epoch(e, start_batch=k)` picks the epoch's order (and resumes at
+    batch k of it); `len(loader)` is the epoch's full number of batches.
+    With train=True, images are flipped left-right with p = 0.5 and
+    instances with zero-width or zero-height boxes, which Mask R-CNN's
+    training refuses, are left out of the targets.
+    """
+
+    def __init__(
+        self,
+        cache,
+        batch_size=2,
+        shuffle=True,
+        seed=0,
+        device="cuda",
+        indices=None,
+        train=True,
+        rank=0,
+        world_size=1,
+        drop_last=False,
+        dtype=torch.float32,
+    ):
+        self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
+        self.device = torch.device(device)
+        self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.train, self.rank, self.world_size, self.drop_last = train, rank, world_size, drop_last
+        self.dtype = dtype
+        self.groups = aspect_groups(cache.sizes)
+        self.epoch, self.start_batch = 0, 0
+        self.wait_seconds = 0.0  # time the consumer spent waiting for the gather thread (CPU side)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches(self):
+        """This rank's batches of cache indices for the current epoch."""
+        if self.shuffle:
+            return epoch_batches(self.groups, self.indices, self.batch_size, self.seed, self.epoch, self.rank, self.world_size, self.drop_last)
+        order = self.indices[self.rank :: self.world_size]
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        return batches[:-1] if self.drop_last and batches and len(batches[-1]) < self.batch_size else batches
+
+    def __len__(self):
+        return len(self.batches())
+
+    def flips(self):
+        if not self.train:
+            return np.zeros(len(self.cache), dtype=bool)
+        return flip_decisions(self.seed, self.epoch, len(self.cache))
+
+    def _slot_capacity(self):
+        pixels = self.cache.sizes[:, 0] * self.cache.sizes[:, 1]
+        largest = np.sort(pixels)[-self.batch_size :]
+        most_instances = int(np.diff(self.cache.instance_offsets).max(initial=0))
+        per_image = 2 * ALIGN + 8 + most_instances * (8 + 16 + 4 + 8 + 8)  # alignment; image_id; ids, boxes, area, labels, iscrowd
+        return int(largest.sum()) * 4 + self.batch_size * per_image + len(_FIELDS) * ALIGN
+
+    def __iter__(self):
+        batches = self.batches()[self.start_batch :]
+        flips = self.flips()
+        if self.device.type != "cuda":
+            # The thread makes whole batches straight from the memory map, ready while the caller computes.
+            ahead = _Ahead(lambda batch: assemble(_mapped_parts(self.cache, batch, self.train), flips, self.dtype), batches)
+            try:
+                yield from ahead
+            finally:
+                self.wait_seconds += ahead.wait_seconds
+                ahead.stop()
+            return
+
+        free = queue.Queue()
+        for _ in range(PREFETCH + 2):  # being packed, ready (PREFETCH), being copied
+            free.put(_Slot(self._slot_capacity()))
+
+        def pack(batch):
+            slot = free.get()
+            if slot is None:
+                raise _Stopped
+            if slot.copied is not None:
+                slot.copied.synchronize()  # the device copy may still be reading this buffer
+            return slot, _pack(self.cache, batch, slot, self.train)
+
+        ahead = _Ahead(pack, batches, on_stop=lambda: free.put(None))
+        try:
+            yield from self._copied_to_device(ahead, free, flips)
+        finally:
+            self.wait_seconds += ahead.wait_seconds
+            ahead.stop()
+            while not free.empty():  # the pinned buffers go back now, not at some later collection
+                free.get()
+
+    def _copied_to_device(self, packed, free, flips):
+        """Copy batch k+1 on a side stream while the caller works on batch k."""
+        copy_stream = torch.cuda.Stream(self.device)
+        compute_stream = torch.cuda.current_stream(self.device)
+
+        def start_copy(ready):
+            if ready is None:
+                return None
+            slot, used = ready
+            with torch.cuda.stream(copy_stream):
+                data = slot.buffer[:used].to(self.device, non_blocking=True)
+                slot.copied = torch.cuda.Event()
+                slot.copied.record(copy_stream)
+            return slot, slot.layout, data
+
+        ready = iter(packed)
+        in_flight = start_copy(next(ready, None))
+        while in_flight is not None:
+            slot, layout, data = in_flight
+            compute_stream.wait_event(slot.copied)
+            data.record_stream(compute_stream)  # the allocator must not reuse it before compute is done
+            in_flight = start_copy(next(ready, None))
+            free.put(slot)  # pack() waits on slot.copied before refilling it
+            yield assemble(_unpacked_parts(data, layout), flips, self.dtype)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Ahead:
+    """Runs make(batch) for each batch in a background thread, keeping PREFETCH results ready, in order."""
+
+    def __init__(self, make, batches, on_stop=None):
+        self.make, self.batches, self.on_stop = make, batches, on_stop
+        self.ready = queue.Queue(maxsize=PREFETCH)
+        self.stopping = threading.Event()
+        self.wait_seconds = 0.0  # how long the consumer waited for a batch
+        self.thread = threading.Thread(target=self._run, name="lean-loader", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for batch in self.batches:
+                item = self.make(batch)
+                while not self.stopping.is_set():
+                    try:
+                        self.ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopping.is_set():
+                    return
+        except _Stopped:
+            return
+        except BaseException as error:  # handed to the consumer, raised there
+            self.ready.put(error)
+
+    def __iter__(self):
+        for _ in self.batches:
+            start = time.perf_counter()
+            item = self.ready.get()
+            self.wait_seconds += time.perf_counter() - start
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self):
+        self.stopping.set()
+        if self.on_stop:
+            self.on_stop()  # wakes a thread waiting for a free slot
+        while self.thread.is_alive():  # make room, so a thread blocked on a full queue sees the stop
+            try:
+                self.ready.get_nowait()
+            except queue.Empty:
+                self.thread.join(timeout=0.05)

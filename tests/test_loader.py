@@ -1,0 +1,277 @@
+"""The loader: which images form which batch, what reaches the model, and that it cleans up after itself."""
+
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lean.cache import Cache, build
+from lean.loader import (
+    Loader,
+    _mapped_parts,
+    _pack,
+    _Slot,
+    _unpacked_parts,
+    aspect_groups,
+    assemble,
+    epoch_batches,
+    split_indices,
+)
+from lean.synthetic import SyntheticSource
+from lean.targets import targets as derive_targets
+from tests.conftest import ArraySource
+from tests.test_targets import instance_maps
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return Cache(build(SyntheticSource(23, seed=5), tmp_path_factory.mktemp("c") / "c.h5", workers=0, progress=False))
+
+
+sizes_lists = st.lists(st.tuples(st.integers(20, 400), st.integers(20, 400)), min_size=1, max_size=60)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+@given(sizes_lists, st.integers(1, 5), st.integers(0, 100), st.integers(0, 5))
+def test_every_image_exactly_once_per_epoch(sizes, batch_size, seed, epoch):
+    groups = aspect_groups(sizes)
+    batches = epoch_batches(groups, np.arange(len(sizes)), batch_size, seed, epoch)
+    seen = [index for batch in batches for index in batch]
+    assert sorted(seen) == list(range(len(sizes)))
+    assert all(len(batch) == batch_size for batch in batches[:-1]) and 0 < len(batches[-1]) <= batch_size
+
+
+@given(sizes_lists, st.integers(1, 4), st.integers(2, 4), st.booleans())
+def test_rank_shards_are_equal_disjoint_and_cover(sizes, batch_size, world_size, drop_last):
+    groups, indices = aspect_groups(sizes), np.arange(len(sizes))
+    shards = [epoch_batches(groups, indices, batch_size, 0, 1, rank, world_size, drop_last) for rank in range(world_size)]
+    assert len({len(shard) for shard in shards}) == 1  # every rank takes the same number of steps
+    seen = [index for shard in shards for batch in shard for index in batch]
+    if drop_last:
+        assert len(seen) == len(set(seen))  # disjoint; the tail that does not divide evenly is left out
+    else:
+        assert set(seen) == set(range(len(sizes)))  # covering, with fewer than world_size repeats to even out
+        assert len(seen) - len(set(seen)) < world_size
+        if len(sizes) % world_size == 0:
+            assert len(seen) == len(set(seen))
+
+
+@given(sizes_lists, st.integers(2, 4), st.integers(0, 50))
+def test_batches_stay_within_an_aspect_group_but_for_the_leftovers(sizes, batch_size, seed):
+    groups = aspect_groups(sizes)
+    batches = epoch_batches(groups, np.arange(len(sizes)), batch_size, seed, 0)
+    counts = np.bincount(groups)
+    leftover_batches = -(-int((counts % batch_size).sum()) // batch_size)
+    # every batch but those made at the end from the groups' remainders is of one aspect group
+    assert all(len({groups[i] for i in batch}) == 1 for batch in batches[: len(batches) - leftover_batches])
+    assert leftover_batches <= -(-int((counts > 0).sum()) * (batch_size - 1) // batch_size)
+
+
+def test_same_seed_same_batches_other_epoch_other_order(cache):
+    loader = Loader(cache, device="cpu", seed=3)
+    loader.set_epoch(2)
+    first, again = loader.batches(), Loader(cache, device="cpu", seed=3)
+    again.set_epoch(2)
+    assert first == again.batches()
+    loader.set_epoch(3)
+    assert loader.batches() != first
+
+
+def test_aspect_groups_follow_the_ratio():
+    groups = aspect_groups([(100, 400), (100, 100), (400, 100), (101, 99)])
+    assert groups[0] < groups[1] < groups[2] and groups[1] == groups[3]
+
+
+def test_tutorial_split_is_120_train_50_test_and_seeded():
+    train, test = split_indices(170, seed=0)
+    assert len(train) == 120 and len(test) == 50
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(170))
+    assert np.array_equal(split_indices(170, seed=0)[1], test)
+    assert not np.array_equal(split_indices(170, seed=1)[1], test)
+    small_train, small_test = split_indices(20, seed=0)
+    assert len(small_test) == 4 and len(small_train) == 16
+    with pytest.raises(ValueError):
+        split_indices(10, test_size=10)
+
+
+# --- what reaches the model ----------------------------------------------------------------------
+
+
+def test_without_flips_targets_equal_the_cache(cache):
+    loader = Loader(cache, batch_size=3, device="cpu", train=False, shuffle=False)
+    count = 0
+    for images, targets in loader:
+        for image, target in zip(images, targets):
+            i = int(target["image_id"])
+            expected = cache.target(i)
+            assert set(target) == set(expected)
+            for key, value in expected.items():
+                assert target[key].dtype == value.dtype and torch.equal(target[key], value), key
+            assert image.dtype == torch.float32 and image.shape == (3, *cache.sizes[i])
+            pixels = torch.from_numpy(np.array(cache.image(i))).permute(2, 0, 1)
+            assert torch.allclose(image, pixels.float() / 255, atol=1e-6)
+            count += 1
+    assert count == len(cache)
+
+
+@st.composite
+def flip_examples(draw):
+    id_map = draw(instance_maps())
+    image = np.random.default_rng(draw(st.integers(0, 99))).integers(0, 256, (*id_map.shape, 3), dtype=np.uint8)
+    return image, id_map
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(flip_examples(), min_size=2, max_size=5), st.integers(0, 20))
+def test_flipped_targets_equal_those_of_the_flipped_mask(tmp_path, examples, seed):
+    cache = Cache(build(ArraySource(examples), tmp_path / "c.h5", workers=0, progress=False))
+    loader = Loader(cache, batch_size=2, device="cpu", seed=seed, train=True, dtype=torch.uint8)
+    flips = loader.flips()
+    for images, targets in loader:
+        for image, target in zip(images, targets):
+            i = int(target["image_id"])
+            picture, id_map = examples[i]
+            if flips[i]:
+                picture, id_map = picture[:, ::-1].copy(), id_map[:, ::-1].copy()
+            expected = derive_targets(id_map, i)
+            keep = ~((expected["boxes"][:, 2] <= expected["boxes"][:, 0]) | (expected["boxes"][:, 3] <= expected["boxes"][:, 1]))
+            assert torch.equal(image, torch.from_numpy(picture).permute(2, 0, 1))
+            for key in ("boxes", "masks", "area", "labels", "iscrowd"):
+                assert np.array_equal(target[key].numpy(), expected[key][keep]), key
+
+
+def test_degenerate_instances_are_left_out_of_training_targets_only(tmp_path):
+    id_map = np.zeros((12, 12), np.uint8)
+    id_map[2:9, 5] = 1  # one pixel wide: a zero-width box
+    id_map[3:10, 7:11] = 2
+    cache = Cache(build(ArraySource([(np.zeros((12, 12, 3), np.uint8), id_map)]), tmp_path / "c.h5", workers=0, progress=False))
+    (_, [train_target]), = list(Loader(cache, batch_size=1, device="cpu", train=True))
+    (_, [eval_target]), = list(Loader(cache, batch_size=1, device="cpu", train=False))
+    assert len(eval_target["boxes"]) == 2 and len(train_target["boxes"]) == 1
+    assert train_target["masks"].sum() == 7 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
+    # The CUDA path packs into a slot and unpacks views of the copied bytes; on the CPU it can be run as it is.
+    loader = Loader(cache, batch_size=4, device="cpu", seed=1)
+    slot = _Slot.__new__(_Slot)
+    slot.buffer, slot.copied = torch.empty(loader._slot_capacity(), dtype=torch.uint8), None
+    flips = loader.flips()
+    for batch in loader.batches():
+        used = _pack(cache, batch, slot, train=True)
+        packed = assemble(_unpacked_parts(slot.buffer[:used], slot.layout), flips, dtype)
+        mapped = assemble(_mapped_parts(cache, batch, train=True), flips, dtype)
+        for got, want in zip(packed[0], mapped[0]):
+            assert torch.equal(got, want)
+        for got, want in zip(packed[1], mapped[1]):
+            assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+# --- determinism and resume ----------------------------------------------------------------------
+
+
+def _epoch(loader, consumer_delay=0.0):
+    seen = []
+    for images, targets in loader:
+        seen.append([(int(t["image_id"]), float(image.sum()), t["boxes"].tolist()) for image, t in zip(images, targets)])
+        time.sleep(consumer_delay)
+    return seen
+
+
+def test_batches_do_not_depend_on_how_far_the_thread_read_ahead(cache):
+    loader = Loader(cache, batch_size=2, device="cpu", seed=9)
+    loader.set_epoch(4)
+    assert _epoch(loader) == _epoch(loader, consumer_delay=0.02)
+
+
+def test_resume_from_a_batch_index_gives_the_rest_of_the_epoch(cache):
+    loader = Loader(cache, batch_size=2, device="cpu", seed=9)
+    loader.set_epoch(1)
+    full = _epoch(loader)
+    loader.set_epoch(1, start_batch=5)
+    assert _epoch(loader) == full[5:]
+    assert len(loader) == len(full)
+
+
+# --- shutdown ------------------------------------------------------------------------------------
+
+
+def _loader_threads():
+    return [thread for thread in threading.enumerate() if thread.name.startswith("lean-loader")]
+
+
+def test_breaking_out_of_an_epoch_stops_the_thread(cache):
+    loader = Loader(cache, batch_size=1, device="cpu")
+    for _ in loader:
+        assert _loader_threads()
+        break
+    gc.collect()
+    assert _loader_threads() == []
+
+
+def test_an_exception_in_the_consumer_stops_the_thread(cache):
+    def train_badly():
+        for _ in Loader(cache, batch_size=1, device="cpu"):
+            raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError):
+        train_badly()
+    gc.collect()
+    assert _loader_threads() == []
+
+
+def test_an_error_in_the_thread_reaches_the_consumer(cache, monkeypatch):
+    def broken(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("lean.loader._mapped_parts", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        list(Loader(cache, device="cpu"))
+    assert _loader_threads() == []
+
+
+# --- CUDA (skipped without a GPU) ----------------------------------------------------------------
+
+
+@cuda
+def test_cuda_batches_equal_cpu_batches(cache):
+    for dtype in (torch.float32, torch.uint8):
+        on_gpu = Loader(cache, batch_size=3, device="cuda", seed=2, dtype=dtype)
+        on_cpu = Loader(cache, batch_size=3, device="cpu", seed=2, dtype=dtype)
+        for (gpu_images, gpu_targets), (cpu_images, cpu_targets) in zip(on_gpu, on_cpu):
+            for got, want in zip(gpu_images, cpu_images):
+                assert got.device.type == "cuda" and torch.allclose(got.cpu(), want)
+            for got, want in zip(gpu_targets, cpu_targets):
+                assert all(got[key].device.type == "cuda" and torch.equal(got[key].cpu(), want[key]) for key in want)
+
+
+@cuda
+def test_cuda_slots_are_pinned_and_freed_when_the_epoch_is_abandoned(cache):
+    loader = Loader(cache, batch_size=2, device="cuda")
+    assert _Slot(1024).buffer.is_pinned()
+    for _ in loader:
+        break
+    gc.collect()
+    assert _loader_threads() == []
+
+
+@cuda
+def test_cuda_copy_overlaps_compute(cache):
+    # While the caller's kernels run, the next batch is already on its way: the consumer barely waits.
+    loader = Loader(cache, batch_size=2, device="cuda")
+    work = torch.randn(2048, 2048, device="cuda")
+    for images, _ in loader:
+        for _ in range(20):
+            work = (work @ work).tanh_()
+    torch.cuda.synchronize()
+    assert loader.wait_seconds < 0.5
