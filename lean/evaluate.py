@@ -1,0 +1,178 @@
+"""COCO box and mask AP with pycocotools, ground truth straight from the cache.
+
+`coco_eval(cache, indices, predictions)` scores predictions in torchvision's
+output format; `predict_split` runs a model over cache images to make them.
+`python -m lean.evaluate --checkpoint PATH` does both for a trained run.
+
+Ground truth follows the tutorial's references/detection conventions, so
+the numbers compare with its log: boxes [x0, y0, x1 - x0, y1 - y0] from the
+cached (inclusive) boxes, area and iscrowd as cached, one category (person,
+id 1), annotation ids from 1, segmentation as RLE of the instance masks.
+"""
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from lean.cache import Cache
+from lean.cli import Parser, run
+from lean.errors import LeanError
+from lean.loader import Loader, split_indices
+from lean.targets import masks_of
+
+STAT_NAMES = (
+    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
+)  # fmt: skip
+KINDS = ("bbox", "segm")
+
+
+def _rle(mask):
+    encoded = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    encoded["counts"] = encoded["counts"].decode("ascii")
+    return encoded
+
+
+def ground_truth(cache, indices):
+    """A pycocotools COCO object for the images `indices` of `cache`, built without decoding a pixel."""
+    images, annotations = [], []
+    for index in indices:
+        height, width = (int(side) for side in cache.sizes[index])
+        images.append({"id": int(index), "height": height, "width": width})
+        fields = cache.instance_targets(index)
+        masks = masks_of(cache.instance_map(index), np.arange(1, len(fields["boxes"]) + 1))
+        for box, area, label, crowd, mask in zip(fields["boxes"], fields["area"], fields["labels"], fields["iscrowd"], masks):
+            x0, y0, x1, y1 = box.tolist()
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": int(index), "category_id": int(label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd), "segmentation": _rle(mask),
+            })  # fmt: skip
+    return _coco({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]})
+
+
+def _coco(dataset):
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # "creating index..." is noise here
+        coco.createIndex()
+    return coco
+
+
+def detections(indices, predictions):
+    """pycocotools result dicts from torchvision-format predictions: xywh boxes, RLE masks thresholded at 0.5."""
+    results = []
+    for index, prediction in zip(indices, predictions):
+        boxes = prediction["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
+        scores = prediction["scores"].detach().float().cpu().numpy()
+        labels = prediction["labels"].detach().cpu().numpy()
+        masks = (prediction["masks"].detach() > 0.5).squeeze(1).cpu().numpy() if "masks" in prediction else None
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            result = {"image_id": int(index), "category_id": int(labels[k]), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(scores[k])}
+            if masks is not None:
+                result["segmentation"] = _rle(masks[k])
+            results.append(result)
+    return results
+
+
+def coco_eval(cache, indices, predictions, verbose=True):
+    """{"bbox": stats, "segm": stats}, each stats dict holding the 12 COCO numbers by name and as "stats".
+
+    `predictions` are one torchvision output dict per index, in the order of `indices`.
+    """
+    indices = [int(index) for index in indices]
+    if len(predictions) != len(indices):
+        raise ValueError(f"{len(predictions)} predictions for {len(indices)} images")
+    truth = ground_truth(cache, indices)
+    results = detections(indices, predictions)
+    report = {}
+    for kind in KINDS:
+        if kind == "segm" and results and "segmentation" not in results[0]:
+            continue
+        # Each kind gets its own results, as the references make them: boxes alone, or masks alone
+        # (then pycocotools takes the area and box from the mask).
+        other = "segmentation" if kind == "bbox" else "bbox"
+        kind_results = [{key: value for key, value in result.items() if key != other} for result in results]
+        with contextlib.redirect_stdout(io.StringIO()) as quiet:
+            found = truth.loadRes(kind_results) if kind_results else _coco({**truth.dataset, "annotations": []})
+            evaluator = COCOeval(truth, found, kind)
+            evaluator.params.imgIds = indices
+            evaluator.evaluate()
+            evaluator.accumulate()
+        if verbose:
+            print(f"IoU metric: {kind}")
+            evaluator.summarize()
+        else:
+            with contextlib.redirect_stdout(quiet):
+                evaluator.summarize()
+        stats = [float(value) for value in evaluator.stats]
+        report[kind] = {**dict(zip(STAT_NAMES, stats)), "stats": stats}
+    return report
+
+
+@torch.no_grad()
+def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
+    """torchvision predictions (on the CPU) for `indices`, in that order."""
+    model.eval()
+    loader = Loader(cache, batch_size, shuffle=False, device=device, indices=indices, train=False, dtype=torch.uint8)
+    predictions = []
+    for images, _ in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images)
+        predictions += [{key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in out.items()} for out in outputs]
+    return predictions
+
+
+def split_of(cache, name, seed, test_size):
+    train, test = split_indices(len(cache), seed, test_size)
+    return {"train": train, "test": test, "all": np.arange(len(cache))}[name]
+
+
+def parse_args(argv):
+    parser = Parser(prog="python -m lean.evaluate", description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a lean checkpoint (last.pt or best.pt)")
+    parser.add_argument("--cache", type=Path, help="default: the cache the run trained on")
+    parser.add_argument("--split", choices=["test", "train", "all"], default="test")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="write the stats here")
+    return parser.parse_args(argv)
+
+
+def load_run(checkpoint, device):
+    """The model of a lean checkpoint, on `device`, and the training arguments it was saved with."""
+    from lean.model import build_model
+    from lean.train import load_checkpoint
+
+    if not checkpoint.is_file():
+        raise LeanError(f"--checkpoint {checkpoint}: no such file")
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "model" not in state or "args" not in state:
+        raise LeanError(f"{checkpoint}: not a lean checkpoint (no model and args inside)")
+    args = state["args"]
+    model = build_model(2, args["backbone"], "none", args["min_size"], args["max_size"])
+    model.load_state_dict(state["model"])
+    return model.to(device), args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    model, run_args = load_run(args.checkpoint, device)
+    cache = Cache(args.cache or run_args["cache"])
+    indices = split_of(cache, args.split, run_args["seed"], run_args.get("test_size"))
+    report = coco_eval(cache, indices, predict_split(model, cache, indices, device))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print(json.dumps({kind: round(values["AP"], 4) for kind, values in report.items()}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,184 @@
+"""Mask R-CNN models for lean: the tutorial's two recipes and a small one for CPUs.
+
+    resnet50_fpn      the tutorial's fine-tuning recipe: torchvision's Mask R-CNN
+                      with its box and mask predictors replaced for num_classes
+    mobilenet_v2      the tutorial's second recipe: MobileNetV2 features as the
+                      backbone (1280 channels, one feature map), 5 x 3 anchors
+    mobilenet_v3_fpn  MobileNetV3-Large with an FPN: small and fast, for CPUs and tests
+
+Every model takes uint8 or float images: lean's transform folds the uint8 to
+[0, 1] conversion into its normalisation, so the loader can hand over the
+bytes it read.
+"""
+
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import mobilenet_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from lean.errors import LeanError
+
+BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn")
+MASK_HIDDEN = 256
+SMALL_HIDDEN = 128  # channels of the small model's mask head; its box head has 4x this
+
+
+class Uint8Transform(GeneralizedRCNNTransform):
+    """torchvision's resize-and-normalise step, taking uint8 images as well as floats in [0, 1].
+
+    With `channels_last`, the padded batch is laid out channels-last, as the
+    convolutions of a channels-last model want it.
+    """
+
+    channels_last = False
+
+    def normalize(self, image):
+        if not image.is_floating_point():
+            image = image.float().div_(255)
+        return super().normalize(image)
+
+    def batch_images(self, images, size_divisible=32):
+        batch = super().batch_images(images, size_divisible)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+
+def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size=800, max_size=1333, canvas_step=32):
+    """A Mask R-CNN for `num_classes` (background included).
+
+    weights: "coco" (COCO Mask R-CNN weights for resnet50_fpn, ImageNet
+    backbone weights for the mobilenets), "none" (random init), or the path
+    of a state dict or a lean checkpoint. canvas_step rounds the padded batch
+    shape, so that a compiled backbone sees few distinct shapes.
+    """
+    if backbone not in BACKBONES:
+        raise LeanError(f"--backbone {backbone}: unknown; choose one of {', '.join(BACKBONES)}")
+    pretrained = weights == "coco"
+    with _download_errors("COCO" if backbone == "resnet50_fpn" else "ImageNet"):
+        model = _BUILDERS[backbone](num_classes, pretrained, min_size, max_size)
+    transform = model.transform
+    model.transform = Uint8Transform(
+        min_size, max_size, transform.image_mean, transform.image_std, size_divisible=canvas_step
+    )
+    if weights not in ("coco", "none"):
+        try:
+            model.load_state_dict(load_weights(weights))
+        except RuntimeError as error:
+            raise LeanError(
+                f"{weights}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
+            ) from None
+    return model
+
+
+def _resnet50_fpn(num_classes, pretrained, min_size, max_size):
+    model = maskrcnn_resnet50_fpn(
+        weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1 if pretrained else None,
+        weights_backbone=None,
+        min_size=min_size,
+        max_size=max_size,
+    )
+    box_features = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(box_features, num_classes)
+    mask_features = model.roi_heads.mask_predictor.conv5_mask.in_channels
+    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_features, MASK_HIDDEN, num_classes)
+    return model
+
+
+def _mobilenet_v2(num_classes, pretrained, min_size, max_size):
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
+    backbone = torchvision.models.mobilenet_v2(weights=weights).features
+    backbone.out_channels = 1280
+    return MaskRCNN(
+        backbone,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=2),
+    )
+
+
+def _mobilenet_v3_fpn(num_classes, pretrained, min_size, max_size):
+    weights = torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1 if pretrained else None
+    backbone = mobilenet_backbone(
+        backbone_name="mobilenet_v3_large",
+        weights=weights,
+        fpn=True,
+        trainable_layers=3 if pretrained else 6,
+        norm_layer=torchvision.ops.misc.FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d,
+    )
+    # Meant for small images and CPUs: anchors one octave smaller than torchvision's for this backbone,
+    # a quarter of the proposals and sampled regions, and slimmer heads: with torchvision's heads the
+    # mask head's four 256-channel convolutions and RoIAlign's backward take most of a CPU step.
+    anchors = AnchorGenerator(sizes=((16, 32, 64, 128, 256),) * 3, aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    return MaskRCNN(
+        backbone,
+        num_classes=None,  # the predictors below carry it
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        rpn_score_thresh=0.05,
+        rpn_pre_nms_top_n_train=500,
+        rpn_post_nms_top_n_train=500,
+        rpn_pre_nms_top_n_test=250,
+        rpn_post_nms_top_n_test=250,
+        box_batch_size_per_image=128,
+        box_detections_per_img=50,
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, SMALL_HIDDEN * 4),
+        box_predictor=FastRCNNPredictor(SMALL_HIDDEN * 4, num_classes),
+        mask_head=MaskRCNNHeads(backbone.out_channels, (SMALL_HIDDEN, SMALL_HIDDEN), 1),
+        mask_predictor=MaskRCNNPredictor(SMALL_HIDDEN, SMALL_HIDDEN, num_classes),
+    )
+
+
+_BUILDERS = {"resnet50_fpn": _resnet50_fpn, "mobilenet_v2": _mobilenet_v2, "mobilenet_v3_fpn": _mobilenet_v3_fpn}
+
+
+class _download_errors:
+    """Turn a failed weights download into one line that names the ways around it."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, (urllib.error.URLError, OSError, RuntimeError)) and _is_download_error(error):
+            reason = getattr(error, "reason", None) or str(error).splitlines()[0]
+            raise LeanError(
+                f"cannot download the {self.what} weights ({reason}); train from scratch with --weights none, "
+                "or pass --weights FILE with a state dict or lean checkpoint"
+            ) from None
+        return False
+
+
+def _is_download_error(error):
+    text = str(error).lower()
+    return isinstance(error, urllib.error.URLError) or any(
+        word in text for word in ("download", "urlopen", "connection", "hash", "name or service", "network")
+    )
+
+
+def load_weights(path):
+    """A model state dict from a file: a plain state dict, or a lean checkpoint's "model" entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanError(f"--weights {path}: no such file (or use coco or none)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
+        raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise LeanError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state

@@ -1,0 +1,401 @@
+"""python -m lean.train: fine-tune Mask R-CNN on a lean cache, as the tutorial does, faster and resumably.
+
+The tutorial's schedule by default: 10 epochs of batch 2, SGD (lr 0.005,
+momentum 0.9, weight decay 5e-4), a linear warmup from lr/1000 over the
+first min(1000, iterations per epoch - 1) iterations, and lr x 0.1 every 3
+epochs. Under torchrun each process takes its shard of every epoch; --lr is
+the rate for the total batch (batch size x processes).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import time
+from collections import defaultdict, deque
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import torch
+
+from lean import distributed
+from lean.cache import Cache, build
+from lean.cli import Parser, run
+from lean.errors import LeanError
+from lean.evaluate import coco_eval, predict_split
+from lean.loader import Loader, split_indices
+from lean.model import BACKBONES, build_model
+from lean.sources import PennFudanSource, default_root
+
+DEFAULT_CACHE = Path("cache/pennfudan.h5")
+EXIT_DIVERGED = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# --- the schedule ---------------------------------------------------------------------------------
+
+
+def lr_factor(iteration, iterations_per_epoch, step_epochs=3, gamma=0.1, warmup_factor=1e-3, warmup_limit=1000):
+    """The multiple of the base learning rate at a global iteration: the tutorial's warmup times its StepLR."""
+    epoch = iteration // iterations_per_epoch
+    factor = gamma ** (epoch // step_epochs)
+    warmup_iterations = min(warmup_limit, iterations_per_epoch - 1)
+    if epoch == 0 and iteration < warmup_iterations:
+        alpha = iteration / warmup_iterations
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, iterations_per_epoch):
+    """Stepped once per iteration, so its state is the global iteration and resumes exactly."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: lr_factor(iteration, iterations_per_epoch))
+
+
+# --- one step -------------------------------------------------------------------------------------
+
+
+def train_step(model, images, targets, optimizer, scheduler, scaler, amp_dtype, clip_norm=None):
+    """images/targets -> loss dict -> sum -> backward -> clip -> step; returns the detached losses, total first."""
+    with torch.autocast(images[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return torch.stack([total.detach(), *(loss.detach().float() for loss in losses.values())]), list(losses)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary name, then rename: a crash mid-write never replaces a good checkpoint."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def copy_atomically(source, target):
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign or tampered files alike
+        raise LeanError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- logging --------------------------------------------------------------------------------------
+
+
+class Window:
+    """Recent values (median over the window) and the running mean of every value, like the tutorial's log."""
+
+    def __init__(self, size=20):
+        self.recent, self.total, self.count = deque(maxlen=size), 0.0, 0
+
+    def add(self, value):
+        self.recent.append(value)
+        self.total += value
+        self.count += 1
+
+    def __str__(self):
+        return f"{statistics.median(self.recent):.4f} ({self.total / self.count:.4f})"
+
+
+def parse_args(argv):
+    parser = Parser(prog="python -m lean.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="built on first use from PennFudan if missing")
+    data.add_argument("--test-size", type=int, help="images held out for evaluation (default: 50, or a fifth of a small set)")
+    data.add_argument("--seed", type=int, default=0, help="split, batch order, flips and initialisation")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", choices=BACKBONES, default="resnet50_fpn")
+    model.add_argument("--weights", default="coco", help="coco, none, or a state dict / lean checkpoint file")
+    model.add_argument("--min-size", type=int, default=800)
+    model.add_argument("--max-size", type=int, default=1333)
+    schedule = parser.add_argument_group("schedule")
+    schedule.add_argument("--epochs", type=int, default=10)
+    schedule.add_argument("--max-iters", type=int, help="stop after this many iterations in all")
+    schedule.add_argument("--batch-size", type=int, default=2, help="per process")
+    schedule.add_argument("--lr", type=float, default=0.005, help="for the total batch, all processes together")
+    schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    speed.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 where the hardware computes in it, else off")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the backbone")
+    speed.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (where the backbone has it)")
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--out", type=Path, help="default: runs/<timestamp>")
+    run_group.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    run_group.add_argument("--no-eval", action="store_true", help="skip the evaluation after each epoch")
+    run_group.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "log_every", "min_size", "max_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
+    if args.lr <= 0:
+        parser.error("argument --lr: must be positive")
+    if args.resume and args.out is None:
+        parser.error("argument --resume: needs --out, the run folder to continue")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda requested but torch sees no CUDA device; use --device cpu")
+    if args.amp == "fp16" and args.device == "cpu":
+        parser.error("argument --amp: fp16 is for CUDA; use bf16 or off on the CPU")
+    return args
+
+
+def bf16_is_fast(device):
+    """bf16 pays off where the hardware computes in it; elsewhere it is emulated, and far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def amp_dtype(choice, device):
+    if choice is None:
+        choice = "bf16" if bf16_is_fast(device) else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
+
+
+def open_cache(path):
+    if not path.exists():
+        if path != DEFAULT_CACHE:
+            raise LeanError(f"--cache {path}: no such file; build it with python -m lean.cache build --out {path}")
+        print(f"{path} is missing: building it first (python -m lean.cache build)", file=sys.stderr)
+        build(PennFudanSource(default_root()), path)
+    return Cache(path)
+
+
+def graphs_compiled():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    process = distributed.start(device.type)
+    try:
+        return train(args, device, process)
+    finally:
+        distributed.stop(process)
+
+
+def train(args, device, process):
+    if process.distributed and device.type == "cuda":
+        device = torch.device("cuda", process.local_rank)
+    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    checkpoint_path = out / "last.pt"
+    if args.resume and not checkpoint_path.is_file():
+        raise LeanError(f"--resume: {checkpoint_path} does not exist")
+    if process.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    cache = open_cache(args.cache)
+    train_indices, test_indices = split_indices(len(cache), args.seed, args.test_size)
+    loader = Loader(cache, args.batch_size, shuffle=True, seed=args.seed, device=device, indices=train_indices,
+                    train=True, rank=process.rank, world_size=process.world_size, dtype=torch.uint8)
+    iterations_per_epoch = len(loader)
+
+    torch.manual_seed(args.seed)
+    canvas_step = 64 if args.compile else 32  # fewer distinct padded shapes for the compiled backbone
+    model = build_model(2, args.backbone, args.weights, args.min_size, args.max_size, canvas_step).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.transform.channels_last = True
+    if args.sync_bn and process.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(model, args.lr)
+    scheduler = make_scheduler(optimizer, iterations_per_epoch)
+    precision = amp_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+
+    start_epoch, start_batch, iteration, best_segm_ap = 0, 0, 0, -1.0
+    if args.resume:
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_batch, iteration = state["epoch"], state["batch"], state["iteration"]
+        best_segm_ap = state["best_segm_ap"]
+        set_rng_state(state["rng"])
+        log(process, f"resuming {checkpoint_path} at epoch {start_epoch}, batch {start_batch}, iteration {iteration}")
+    if args.compile:
+        model.backbone.compile(dynamic=False)
+    trainable = model
+    if process.distributed:
+        trainable = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    total_iterations = iterations_per_epoch * args.epochs
+    if args.max_iters:
+        total_iterations = min(total_iterations, args.max_iters)
+    log(process, f"training {args.backbone} on {len(train_indices)} images ({len(test_indices)} held out), "
+        f"{iterations_per_epoch} iterations/epoch x {args.epochs} epochs, batch {args.batch_size} x {process.world_size} "
+        f"process(es), {device}, amp {precision}, compile {args.compile}; writing {out}")
+
+    stop_signal = []
+
+    def request_stop(signum, _frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the run at once
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in EXIT_SIGNAL}
+
+    def checkpoint(epoch, batch):
+        if process.main:
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "iteration": iteration,
+                "rng": rng_state(), "best_segm_ap": best_segm_ap, "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+            })
+
+    metrics = (out / "metrics.jsonl").open("a") if process.main else None
+    started = time.perf_counter()
+    try:
+        trainable.train()
+        for epoch in range(start_epoch, args.epochs):
+            if iteration >= total_iterations:
+                break
+            loader.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            iteration = run_epoch(trainable, loader, optimizer, scheduler, scaler, precision, args, process, metrics,
+                                  epoch, iteration, total_iterations, started, stop_signal, checkpoint)
+            if stop_signal:
+                return EXIT_SIGNAL[stop_signal[0]]
+            if iteration % iterations_per_epoch == 0 or iteration >= total_iterations:
+                improved = False
+                if process.main and not args.no_eval:
+                    segm_ap = evaluate_epoch(model, cache, test_indices, device, precision, metrics, epoch)
+                    improved, best_segm_ap = segm_ap > best_segm_ap, max(segm_ap, best_segm_ap)
+                finished = iteration % iterations_per_epoch == 0
+                checkpoint(epoch + 1 if finished else epoch, 0 if finished else iteration - epoch * iterations_per_epoch)
+                if improved:
+                    copy_atomically(checkpoint_path, out / "best.pt")
+    except NonFiniteLoss as error:
+        print(f"error: {error}; {checkpoint_path} keeps the last good state", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if metrics:
+            metrics.close()
+    log(process, f"done: {iteration} iterations in {timedelta(seconds=round(time.perf_counter() - started))}; {checkpoint_path}")
+    return 0
+
+
+def run_epoch(model, loader, optimizer, scheduler, scaler, precision, args, process, metrics,
+              epoch, iteration, total_iterations, started, stop_signal, checkpoint):
+    """One epoch of train steps; returns the global iteration reached."""
+    windows, names = defaultdict(Window), None
+    pending = []  # per-iteration losses still on the device, read every --log-every iterations
+    first_batch = loader.start_batch
+    step_started = time.perf_counter()
+    wait_before = loader.wait_seconds
+    graphs_before = graphs_compiled()
+    for batch_index, (images, targets) in enumerate(loader, start=first_batch):
+        step_start = time.perf_counter()
+        losses, names = train_step(model, images, targets, optimizer, scheduler, scaler, precision, args.clip_grad)
+        iteration += 1
+        pending.append((iteration, losses))
+        if iteration == 1 or iteration % args.log_every == 0 or iteration >= total_iterations or batch_index + 1 == len(loader) or stop_signal:
+            check_and_log(pending, names, windows, process, metrics, loader, optimizer, epoch, batch_index, iteration,
+                          total_iterations, started, step_started, wait_before, graphs_before, args.batch_size)
+            pending, step_started, wait_before = [], time.perf_counter(), loader.wait_seconds
+        elif loader.device.type == "cpu":
+            check_finite(pending[-1:], names)  # no device to wait for on the CPU: stop at the very step
+        if stop_signal:
+            checkpoint(epoch, batch_index + 1)
+            log(process, f"stopped by signal at epoch {epoch}, iteration {iteration}; saved last.pt; continue with --resume")
+            break
+        if iteration >= total_iterations:
+            break
+    return iteration
+
+
+def check_finite(pending, names):
+    for iteration, losses in pending:
+        values = losses.cpu()
+        if not torch.isfinite(values).all():
+            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values[1:].tolist()))
+            raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {parts}")
+
+
+def check_and_log(pending, names, windows, process, metrics, loader, optimizer, epoch, batch_index, iteration,
+                  total_iterations, started, step_started, wait_before, graphs_before, batch_size):
+    values = torch.stack([losses for _, losses in pending]).cpu()  # the one host sync per log window
+    check_finite(pending, names)
+    values = distributed.mean_over_processes(values.to(loader.device), process).cpu() if process.distributed else values
+    for row in values.tolist():
+        for name, value in zip(["loss", *names], row):
+            windows[name].add(value)
+    elapsed = time.perf_counter() - step_started
+    images_per_second = len(pending) * batch_size * process.world_size / max(elapsed, 1e-9)
+    eta = (time.perf_counter() - started) / max(iteration, 1) * (total_iterations - iteration)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if loader.device.type == "cuda" else 0.0
+    wait = loader.wait_seconds - wait_before
+    lr = optimizer.param_groups[0]["lr"]
+    if not process.main:
+        return
+    losses_text = "  ".join(f"{name}: {window}" for name, window in windows.items())
+    print(f"Epoch: [{epoch}]  [{batch_index + 1:>{len(str(len(loader)))}}/{len(loader)}]  eta: {timedelta(seconds=round(eta))}  "
+          f"lr: {lr:.6f}  {losses_text}  images/s: {images_per_second:.2f}  data: {wait:.3f}s  "
+          f"graphs: {graphs_compiled()}  max mem: {memory:.0f}MB", flush=True)
+    for (done, _), row in zip(pending, values.tolist()):
+        record = {"epoch": epoch, "iteration": done, **dict(zip(["loss", *names], row))}
+        metrics.write(json.dumps(record) + "\n")
+    metrics.write(json.dumps({"epoch": epoch, "iteration": iteration, "lr": lr, "images_per_second": images_per_second,
+                              "data_wait_s": wait, "window_s": elapsed, "graphs_compiled": graphs_compiled() - graphs_before}) + "\n")
+    metrics.flush()
+
+
+def evaluate_epoch(model, cache, test_indices, device, precision, metrics, epoch):
+    """COCO stats of the test split after an epoch, appended to metrics.jsonl; returns segm AP."""
+    report = coco_eval(cache, test_indices, predict_split(model, cache, test_indices, device, precision))
+    metrics.write(json.dumps({"epoch": epoch, **{kind: values["stats"] for kind, values in report.items()}}) + "\n")
+    metrics.flush()
+    model.train()
+    return report["segm"]["AP"]
+
+
+def log(process, message):
+    if process.main:
+        print(message, flush=True)
+
+
+if __name__ == "__main__":
+    run(main)
