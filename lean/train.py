@@ -277,7 +277,7 @@ def train(args, device, process):
 
     previous = {signum: signal.signal(signum, request_stop) for signum in EXIT_SIGNAL}
 
-    def checkpoint(epoch, batch):
+    def checkpoint(epoch, batch, iteration):
         if process.main:
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -303,7 +303,7 @@ def train(args, device, process):
                     segm_ap = evaluate_epoch(model, cache, test_indices, device, precision, metrics, epoch)
                     improved, best_segm_ap = segm_ap > best_segm_ap, max(segm_ap, best_segm_ap)
                 finished = iteration % iterations_per_epoch == 0
-                checkpoint(epoch + 1 if finished else epoch, 0 if finished else iteration - epoch * iterations_per_epoch)
+                checkpoint(epoch + 1 if finished else epoch, 0 if finished else iteration - epoch * iterations_per_epoch, iteration)
                 if improved:
                     copy_atomically(checkpoint_path, out / "best.pt")
     except NonFiniteLoss as error:
@@ -339,7 +339,7 @@ def run_epoch(model, loader, optimizer, scheduler, scaler, precision, args, proc
         elif loader.device.type == "cpu":
             check_finite(pending[-1:], names)  # no device to wait for on the CPU: stop at the very step
         if stop_signal:
-            checkpoint(epoch, batch_index + 1)
+            checkpoint(epoch, batch_index + 1, iteration)
             log(process, f"stopped by signal at epoch {epoch}, iteration {iteration}; saved last.pt; continue with --resume")
             break
         if iteration >= total_iterations:

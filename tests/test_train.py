@@ -1,0 +1,256 @@
+"""Training: the schedule, the step, resume, failure, compile and DDP, on tiny synthetic caches and the small model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lean.cache import Cache, build
+from lean.loader import Loader
+from lean.model import build_model, load_weights
+from lean.synthetic import SyntheticSource
+from lean.train import lr_factor, main as train_main, make_optimizer, make_scheduler, train_step
+from tests.conftest import cli
+
+SMALL = ["--backbone", "mobilenet_v3_fpn", "--weights", "none", "--min-size", "96", "--max-size", "160"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return build(SyntheticSource(10, seed=11), tmp_path_factory.mktemp("tiny") / "tiny.h5", workers=0, progress=False)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(2, "mobilenet_v3_fpn", "none", 96, 160)
+
+
+def run_train(argv, capsys):
+    return cli(train_main, argv, capsys)
+
+
+# --- schedule ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "iteration, per_epoch, expected",
+    [
+        (0, 60, 1e-3),  # warmup starts at lr / 1000
+        (30, 60, 1e-3 * (1 - 30 / 59) + 30 / 59),  # linear over min(1000, 60 - 1) iterations
+        (59, 60, 1.0),  # warmup done
+        (60, 60, 1.0),  # epoch 1
+        (179, 60, 1.0),  # epoch 2, last iteration
+        (180, 60, 0.1),  # epoch 3: first step down
+        (360, 60, 0.01),  # epoch 6
+        (500, 2000, 1e-3 * 0.5 + 0.5),  # warmup capped at 1000 iterations
+        (1000, 2000, 1.0),
+    ],
+)
+def test_schedule_is_the_tutorials(iteration, per_epoch, expected):
+    assert lr_factor(iteration, per_epoch) == pytest.approx(expected)
+
+
+def test_scheduler_follows_the_factor_per_iteration():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.005)
+    scheduler = make_scheduler(optimizer, 10)
+    for iteration in range(40):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005 * lr_factor(iteration, 10))
+        optimizer.step()
+        scheduler.step()
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+def test_a_few_steps_lower_the_loss(tiny_cache):
+    model = small_model()
+    model.train()
+    images, targets = next(iter(Loader(Cache(tiny_cache), 2, shuffle=False, device="cpu", train=False, dtype=torch.uint8)))
+    optimizer = make_optimizer(model, 0.005)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    totals = [float(train_step(model, images, targets, optimizer, scheduler, scaler, None)[0][0]) for _ in range(12)]
+    assert sum(totals[-3:]) < 0.8 * sum(totals[:3]), totals  # averaged: the sampled regions make single steps noisy
+
+
+# --- the command: resume, failure, signals -------------------------------------------------------
+
+
+def test_resume_after_an_epoch_ends_with_the_same_weights(tiny_cache, tmp_path, capsys):
+    common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--amp", "off"]
+    status, _, _ = run_train([*common, "--epochs", "2", "--out", str(tmp_path / "straight")], capsys)
+    assert status == 0
+    assert run_train([*common, "--epochs", "1", "--out", str(tmp_path / "split")], capsys)[0] == 0
+    status, stdout, _ = run_train([*common, "--epochs", "2", "--out", str(tmp_path / "split"), "--resume"], capsys)
+    assert status == 0 and "resuming" in stdout
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert straight["iteration"] == split["iteration"] == 8 and split["epoch"] == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, capsys, monkeypatch):
+    common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--out", str(tmp_path)]
+    assert run_train([*common, "--epochs", "1"], capsys)[0] == 0
+    good = (tmp_path / "last.pt").read_bytes()
+
+    def poisoned(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        calls = []
+
+        def poison(module, inputs, output):  # the second step's mask loss turns to NaN
+            calls.append(1)
+            if len(calls) == 2 and module.training:
+                output[1]["loss_mask"] = output[1]["loss_mask"] * float("nan")
+            return output
+
+        model.roi_heads.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr("lean.train.build_model", poisoned)
+    status, _, stderr = run_train([*common, "--epochs", "2", "--resume"], capsys)
+    assert status == 3
+    assert "non-finite loss at iteration 6" in stderr and "loss_mask=nan" in stderr
+    assert (tmp_path / "last.pt").read_bytes() == good
+
+
+def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny_cache, tmp_path):
+    command = [sys.executable, "-m", "lean.train", "--cache", str(tiny_cache), *SMALL, "--test-size", "2",
+               "--no-compile", "--no-eval", "--epochs", "3", "--log-every", "1", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("Epoch: [0]  [2/4]"):
+            process.send_signal(2)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "stopped by signal" in stdout and "Traceback" not in stderr
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["batch"] == state["iteration"] >= 2
+    finished = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 12
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["--epochs", "0"], "--epochs: must be at least 1"),
+        (["--resume"], "--resume: needs --out"),
+        (["--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
+        (["--cache", "nowhere.h5"], "nowhere.h5: no such file"),
+    ],
+)
+def test_bad_arguments_are_one_line(capsys, argv, reason):
+    status, _, stderr = run_train(argv, capsys)
+    assert status == 2 and reason in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_bad_weights_files_are_one_line(tmp_path, tiny_cache, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
+    for weights, reason in ((tmp_path / "junk.pt", "not a loadable weights file"), (tmp_path / "other.pt", "does not fit"),
+                            (tmp_path / "missing.pt", "no such file")):
+        status, _, stderr = run_train(["--cache", str(tiny_cache), "--no-compile", "--weights", str(weights), "--out", str(tmp_path / "r")], capsys)
+        assert status == 2 and reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_offline_coco_weights_name_the_alternatives(monkeypatch):
+    def offline(*args, **kwargs):
+        import urllib.error
+
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    with pytest.raises(Exception) as error:
+        build_model(backbone="resnet50_fpn", weights="coco")
+    message = str(error.value)
+    assert "cannot download the COCO weights" in message and "--weights none" in message and "--weights FILE" in message
+
+
+def test_a_lean_checkpoint_loads_as_weights(tiny_cache, tmp_path, capsys):
+    common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--max-iters", "1"]
+    assert run_train([*common, "--out", str(tmp_path)], capsys)[0] == 0
+    model = build_model(2, "mobilenet_v3_fpn", str(tmp_path / "last.pt"), 96, 160)
+    saved = load_weights(tmp_path / "last.pt")
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+
+
+# --- compile -------------------------------------------------------------------------------------
+
+
+def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_bucket(tiny_cache):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = small_model()
+    model.transform.size_divisible = 64
+    model.train()
+    # Whether a call recompiles is decided by dynamo's guards, before any backend runs; aot_eager checks
+    # the same guards in seconds where inductor's code generation takes minutes on two cores.
+    model.backbone.compile(dynamic=False, backend="aot_eager")
+    loader = Loader(Cache(tiny_cache), 1, shuffle=False, device="cpu", train=False, dtype=torch.uint8)
+    batches = list(loader)
+    shapes = [model.transform(images, targets)[0].tensors.shape for images, targets in batches]
+    first, second = next((i, j) for i in range(len(shapes)) for j in range(i + 1, len(shapes)) if shapes[i] == shapes[j])
+    optimizer = make_optimizer(model, 0.001)
+    scheduler = make_scheduler(optimizer, 10)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step(model, *batches[first], optimizer, scheduler, scaler, None)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    train_step(model, *batches[second], optimizer, scheduler, scaler, None)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+# --- DDP -----------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world_size, cache_path, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = small_model(seed=0)
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        loader = Loader(Cache(cache_path), 2, seed=0, device="cpu", rank=rank, world_size=world_size, dtype=torch.uint8)
+        optimizer = make_optimizer(ddp, 0.01)
+        scheduler = make_scheduler(optimizer, len(loader))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        seen = []
+        for images, targets in loader:
+            seen += [int(t["image_id"]) for t in targets]
+            train_step(ddp, images, targets, optimizer, scheduler, scaler, None)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(world_size)]
+        dist.all_gather(gathered, flat)
+        results[rank] = (all(torch.equal(gathered[0], g) for g in gathered), seen, float(flat.abs().sum()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_processes_keep_identical_weights_on_disjoint_shards(tiny_cache):
+    port = 29500 + os.getpid() % 1000
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, str(tiny_cache), port, results), nprocs=2, join=True)
+        (same0, seen0, _), (same1, seen1, _) = results[0], results[1]
+    assert same0 and same1
+    assert not set(seen0) & set(seen1) and sorted(seen0 + seen1) == list(range(10))
+
+
+def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(tiny_cache, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lean.train",
+               "--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--max-iters", "2",
+               "--out", str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("training mobilenet_v3_fpn") == 1  # rank 0 alone logs
+    assert "x 2 process(es)" in result.stdout
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["iteration"] == 2
