@@ -57,9 +57,9 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def make_scheduler(optimizer, iterations_per_epoch):
+def make_scheduler(optimizer, iterations_per_epoch, step_epochs=3):
     """Stepped once per iteration, so its state is the global iteration and resumes exactly."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: lr_factor(iteration, iterations_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: lr_factor(iteration, iterations_per_epoch, step_epochs))
 
 
 # --- one step -------------------------------------------------------------------------------------
@@ -151,6 +151,7 @@ def parse_args(argv):
     schedule.add_argument("--max-iters", type=int, help="stop after this many iterations in all")
     schedule.add_argument("--batch-size", type=int, default=2, help="per process")
     schedule.add_argument("--lr", type=float, default=0.005, help="for the total batch, all processes together")
+    schedule.add_argument("--lr-step-epochs", type=int, default=3, help="lr x 0.1 every this many epochs")
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -164,7 +165,7 @@ def parse_args(argv):
     run_group.add_argument("--no-eval", action="store_true", help="skip the evaluation after each epoch")
     run_group.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "log_every", "min_size", "max_size"):
+    for name in ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
     if args.lr <= 0:
@@ -241,7 +242,7 @@ def train(args, device, process):
     if args.sync_bn and process.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, args.lr)
-    scheduler = make_scheduler(optimizer, iterations_per_epoch)
+    scheduler = make_scheduler(optimizer, iterations_per_epoch, args.lr_step_epochs)
     precision = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
 
