@@ -73,3 +73,55 @@ def seed_loader(root, batch_size=2, workers=0, shuffle=False, train=False):
     return torch.utils.data.DataLoader(
         SeedPennFudan(root, train), batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate
     )
+
+
+def seed_model(min_size, max_size):
+    """The tutorial's model as it trains it: torchvision's Mask R-CNN, eager fp32 (random init here: no downloads)."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=min_size, max_size=max_size)
+
+
+def seed_evaluate(root, indices, predictions):
+    """The references' evaluation, as the tutorial runs it: ground truth rebuilt by iterating the dataset
+    (decoding every test image and mask), results prepared image by image on one CPU thread, then COCOeval.
+    Returns {"bbox": 12 stats, "segm": 12 stats}."""
+    import contextlib
+    import io
+
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dataset = SeedPennFudan(root)
+    images, annotations = [], []
+    for index in indices:
+        image, target = dataset[index]
+        images.append({"id": int(index), "height": image.shape[-2], "width": image.shape[-1]})
+        boxes = target["boxes"].clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, area, crowd, mask in zip(boxes.tolist(), target["area"].tolist(), target["iscrowd"].tolist(), target["masks"].numpy()):
+            annotations.append({"id": len(annotations) + 1, "image_id": int(index), "category_id": 1, "bbox": box,
+                                "area": area, "iscrowd": crowd, "segmentation": mask_util.encode(np.asfortranarray(mask))})
+    truth = COCO()
+    truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1}]}
+    results = {"bbox": [], "segm": []}
+    for index, prediction in zip(indices, predictions):  # the per-image update
+        boxes = prediction["boxes"].clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, score, label, mask in zip(boxes.tolist(), prediction["scores"].tolist(), prediction["labels"].tolist(), prediction["masks"]):
+            common = {"image_id": int(index), "category_id": label, "score": score}
+            results["bbox"].append({**common, "bbox": box})
+            rle = mask_util.encode(np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8)))
+            results["segm"].append({**common, "segmentation": rle})
+    stats = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth.createIndex()
+        for kind, found in results.items():
+            evaluator = COCOeval(truth, truth.loadRes(found), kind)
+            evaluator.params.imgIds = [int(index) for index in indices]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            stats[kind] = [float(value) for value in evaluator.stats]
+    return stats

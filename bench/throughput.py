@@ -105,18 +105,111 @@ def data_section(root, repeats, scratch):
     return rows
 
 
+def train_section(root, steps, warmup, min_size, max_size, device, scratch):
+    """Steady-state images/s: the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's step.
+
+    Both train torchvision's resnet50_fpn Mask R-CNN from the same random init with SGD, batch 2, for
+    `warmup` untimed then `steps` timed steps. lean runs its defaults (amp where the hardware computes in
+    bf16, channels-last, compiled backbone); its compile time is the warm-up's excess and is reported apart.
+    """
+    from bench.seed_pipeline import seed_model
+    from lean.model import build_model
+    from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(step_fn, batches):
+        times = []
+        for k, batch in enumerate(batches):
+            start = time.perf_counter()
+            step_fn(batch)
+            sync()
+            times.append(time.perf_counter() - start)
+            if k + 1 == warmup + steps:
+                break
+        return times[:warmup], times[warmup:]
+
+    torch.manual_seed(0)
+    model = seed_model(min_size, max_size).to(device).train()
+    optimizer = make_optimizer(model, 0.005)
+
+    def seed_step(batch):
+        images, targets = batch
+        images = [image.to(device) for image in images]
+        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    _, seed_times = timed(seed_step, seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True))
+
+    cache = Cache(build(PennFudanSource(root), scratch / "train.h5", progress=False))
+    torch.manual_seed(0)
+    model = build_model(2, "resnet50_fpn", "none", min_size, max_size, canvas_step=64).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    model.transform.channels_last = True
+    model.backbone.compile(dynamic=False)
+    model.train()
+    optimizer = make_optimizer(model, 0.005)
+    loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
+    scheduler = make_scheduler(optimizer, len(loader))
+    precision = amp_dtype(None, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    warm, lean_times = timed(lambda batch: train_step(model, *batch, optimizer, scheduler, scaler, precision), loader)
+
+    seed_rate = 2 / statistics.median(seed_times)
+    lean_rate = 2 / statistics.median(lean_times)
+    compile_s = sum(warm) - warmup * statistics.median(lean_times)
+    label = f"{device.type}, {min_size}/{max_size} px, amp {precision}"
+    return [
+        ("train", f"images/s, median of {steps} steps ({label})", "seed Dataset + eager fp32 Mask R-CNN", seed_rate, lean_rate, lean_rate / seed_rate),
+        ("train", "lean compile time in warm-up, seconds (not in the rate)", "-", 0.0, compile_s, float("nan")),
+    ]
+
+
+def eval_section(root, repeats, scratch):
+    """Seconds to score the 50 test images (bbox + segm) the references' way against lean.evaluate, same predictions."""
+    from bench.seed_pipeline import seed_evaluate
+    from lean.evaluate import coco_eval
+    from lean.loader import split_indices
+
+    cache = Cache(build(PennFudanSource(root), scratch / "eval.h5", progress=False))
+    _, test = split_indices(len(cache), seed=0)
+    rng = np.random.default_rng(0)
+    predictions = []  # the ground truth, jittered: the same detections for both sides
+    for i in test:
+        target = cache.target(i)
+        boxes = target["boxes"] + torch.from_numpy(rng.normal(0, 4, target["boxes"].shape)).float()
+        masks = torch.roll(target["masks"], 2, dims=2)[:, None].float()
+        predictions.append({"boxes": boxes, "scores": torch.from_numpy(rng.random(len(boxes))).float(), "labels": target["labels"], "masks": masks})
+    seed_s = median_seconds(lambda: seed_evaluate(root, test, predictions), repeats)
+    lean_s = median_seconds(lambda: coco_eval(cache, test, predictions, verbose=False), repeats)
+    seed_stats = seed_evaluate(root, test, predictions)
+    lean_stats = coco_eval(cache, test, predictions, verbose=False)
+    same = all(np.allclose(seed_stats[kind], lean_stats[kind]["stats"], atol=1e-4) for kind in ("bbox", "segm"))
+    return [("eval", f"score {len(test)} test images, seconds (stats identical: {same})", "references' CocoEvaluator approach", seed_s, lean_s, seed_s / lean_s)]
+
+
 def print_table(rows, header):
     print(header)
     print(f"| section | measure | seed pipeline | seed | lean | lean vs seed |")
     print(f"|---|---|---|---|---|---|")
     for section, measure, baseline, seed, lean, ratio in rows:
-        print(f"| {section} | {measure} | {baseline} | {seed:.3g} | {lean:.3g} | {ratio:.1f}x |")
+        ratio_text = "-" if ratio != ratio else f"{ratio:.2f}x"
+        seed_text = "-" if baseline == "-" else f"{seed:.3g}"
+        print(f"| {section} | {measure} | {baseline} | {seed_text} | {lean:.3g} | {ratio_text} |")
 
 
 def parse_args(argv):
     parser = Parser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--root", type=Path, help="PennFudan folder (default: as lean.cache build finds it)")
-    parser.add_argument("--sections", nargs="+", choices=["data"], default=["data"])
+    parser.add_argument("--sections", nargs="+", choices=["data", "train", "eval"], default=["data", "train", "eval"])
+    parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per side")
+    parser.add_argument("--train-warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--min-size", type=int, default=320)
+    parser.add_argument("--max-size", type=int, default=512)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
@@ -131,6 +224,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="lean-bench-") as scratch:
         if "data" in args.sections:
             rows += data_section(root, args.repeats, Path(scratch))
+        if "eval" in args.sections:
+            rows += eval_section(root, args.repeats, Path(scratch))
+        if "train" in args.sections:
+            device = torch.device(args.device)
+            rows += train_section(root, args.train_steps, args.train_warmup, args.min_size, args.max_size, device, Path(scratch))
     print_table(rows, f"{machine}; {date}; medians of {args.repeats}")
     if args.json:
         fields = ("section", "measure", "seed_pipeline", "seed", "lean", "ratio")
