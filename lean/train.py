@@ -135,6 +135,81 @@ class Window:
         return f"{statistics.median(self.recent):.4f} ({self.total / self.count:.4f})"
 
 
+class Monitor:
+    """Watches the losses: stops on a non-finite one, logs a line and metrics every --log-every iterations.
+
+    Losses stay on the device until a window is read, so a CUDA step never
+    waits for the host; on the CPU there is nothing to wait for, and each
+    step is checked at once.
+    """
+
+    def __init__(self, loader, optimizer, process, metrics, log_every, total_iterations):
+        self.loader, self.optimizer, self.process, self.metrics = loader, optimizer, process, metrics
+        self.log_every, self.total_iterations = log_every, total_iterations
+        self.started = time.perf_counter()
+        self.pending = []  # (iteration, losses on the device) not read yet
+        self.new_epoch()
+
+    def new_epoch(self):
+        self.windows = defaultdict(Window)
+        self.window_started, self.wait_before = time.perf_counter(), self.loader.wait_seconds
+
+    def add(self, epoch, batch_index, iteration, losses, names):
+        self.pending.append((iteration, losses))
+        last_of_epoch = batch_index + 1 == len(self.loader)
+        if iteration == 1 or iteration % self.log_every == 0 or iteration >= self.total_iterations or last_of_epoch:
+            self.flush(epoch, batch_index, names)
+        elif self.loader.device.type == "cpu":
+            check_finite(self.pending[-1:], names)
+
+    def flush(self, epoch, batch_index, names):
+        if not self.pending:
+            return
+        values = torch.stack([losses for _, losses in self.pending]).cpu()  # the one host sync per window
+        check_finite(self.pending, names)
+        if self.process.distributed:
+            values = distributed.mean_over_processes(values.to(self.loader.device), self.process).cpu()
+        iterations = [iteration for iteration, _ in self.pending]
+        self.pending = []
+        for row in values.tolist():
+            for name, value in zip(["loss", *names], row):
+                self.windows[name].add(value)
+        if self.process.main:
+            self._write(epoch, batch_index, iterations, values.tolist(), names)
+        self.window_started, self.wait_before = time.perf_counter(), self.loader.wait_seconds
+
+    def _write(self, epoch, batch_index, iterations, rows, names):
+        elapsed = time.perf_counter() - self.window_started
+        images_per_second = len(rows) * self.loader.batch_size * self.process.world_size / max(elapsed, 1e-9)
+        iteration = iterations[-1]
+        eta = (time.perf_counter() - self.started) / iteration * (self.total_iterations - iteration)
+        memory = torch.cuda.max_memory_allocated() / 2**20 if self.loader.device.type == "cuda" else 0.0
+        wait = self.loader.wait_seconds - self.wait_before
+        lr = self.optimizer.param_groups[0]["lr"]
+        losses_text = "  ".join(f"{name}: {window}" for name, window in self.windows.items())
+        width = len(str(len(self.loader)))
+        print(f"Epoch: [{epoch}]  [{batch_index + 1:>{width}}/{len(self.loader)}]  eta: {timedelta(seconds=round(eta))}  "
+              f"lr: {lr:.6f}  {losses_text}  images/s: {images_per_second:.2f}  data: {wait:.3f}s  "
+              f"graphs: {graphs_compiled()}  max mem: {memory:.0f}MB", flush=True)
+        for done, row in zip(iterations, rows):
+            self.record({"epoch": epoch, "iteration": done, **dict(zip(["loss", *names], row))})
+        self.record({"epoch": epoch, "iteration": iteration, "lr": lr, "images_per_second": images_per_second,
+                     "data_wait_s": wait, "window_s": elapsed, "graphs_compiled": graphs_compiled()})
+
+    def record(self, entry):
+        if self.metrics:
+            self.metrics.write(json.dumps(entry) + "\n")
+            self.metrics.flush()
+
+
+def check_finite(pending, names):
+    for iteration, losses in pending:
+        values = losses.cpu()
+        if not torch.isfinite(values).all():
+            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values[1:].tolist()))
+            raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {parts}")
+
+
 def parse_args(argv):
     parser = Parser(prog="python -m lean.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
@@ -228,7 +303,10 @@ def train(args, device, process):
         out.mkdir(parents=True, exist_ok=True)
 
     cache = open_cache(args.cache)
-    train_indices, test_indices = split_indices(len(cache), args.seed, args.test_size)
+    try:
+        train_indices, test_indices = split_indices(len(cache), args.seed, args.test_size)
+    except ValueError as error:
+        raise LeanError(f"--test-size: {error}") from None
     loader = Loader(cache, args.batch_size, shuffle=True, seed=args.seed, device=device, indices=train_indices,
                     train=True, rank=process.rank, world_size=process.world_size, dtype=torch.uint8)
     iterations_per_epoch = len(loader)
@@ -287,26 +365,36 @@ def train(args, device, process):
             })
 
     metrics = (out / "metrics.jsonl").open("a") if process.main else None
-    started = time.perf_counter()
+    monitor = Monitor(loader, optimizer, process, metrics, args.log_every, total_iterations)
     try:
         trainable.train()
         for epoch in range(start_epoch, args.epochs):
             if iteration >= total_iterations:
                 break
             loader.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-            iteration = run_epoch(trainable, loader, optimizer, scheduler, scaler, precision, args, process, metrics,
-                                  epoch, iteration, total_iterations, started, stop_signal, checkpoint)
-            if stop_signal:
-                return EXIT_SIGNAL[stop_signal[0]]
-            if iteration % iterations_per_epoch == 0 or iteration >= total_iterations:
-                improved = False
-                if process.main and not args.no_eval:
-                    segm_ap = evaluate_epoch(model, cache, test_indices, device, precision, metrics, epoch)
-                    improved, best_segm_ap = segm_ap > best_segm_ap, max(segm_ap, best_segm_ap)
-                finished = iteration % iterations_per_epoch == 0
-                checkpoint(epoch + 1 if finished else epoch, 0 if finished else iteration - epoch * iterations_per_epoch, iteration)
-                if improved:
-                    copy_atomically(checkpoint_path, out / "best.pt")
+            monitor.new_epoch()
+            for batch_index, (images, targets) in enumerate(loader, start=loader.start_batch):
+                losses, names = train_step(trainable, images, targets, optimizer, scheduler, scaler, precision, args.clip_grad)
+                iteration += 1
+                monitor.add(epoch, batch_index, iteration, losses, names)
+                if stop_signal:
+                    monitor.flush(epoch, batch_index, names)
+                    checkpoint(epoch, batch_index + 1, iteration)
+                    log(process, f"stopped by signal at epoch {epoch}, iteration {iteration}; saved {checkpoint_path}; continue with --resume")
+                    return EXIT_SIGNAL[stop_signal[0]]
+                if iteration >= total_iterations:
+                    break
+
+            improved = False
+            if process.main and not args.no_eval:
+                report = coco_eval(cache, test_indices, predict_split(model, cache, test_indices, device, precision))
+                monitor.record({"epoch": epoch, **{kind: values["stats"] for kind, values in report.items()}})
+                improved, best_segm_ap = report["segm"]["AP"] > best_segm_ap, max(report["segm"]["AP"], best_segm_ap)
+                trainable.train()
+            finished = iteration % iterations_per_epoch == 0
+            checkpoint(epoch + 1 if finished else epoch, 0 if finished else iteration - epoch * iterations_per_epoch, iteration)
+            if improved:
+                copy_atomically(checkpoint_path, out / "best.pt")
     except NonFiniteLoss as error:
         print(f"error: {error}; {checkpoint_path} keeps the last good state", file=sys.stderr)
         return EXIT_DIVERGED
@@ -315,82 +403,8 @@ def train(args, device, process):
             signal.signal(signum, handler)
         if metrics:
             metrics.close()
-    log(process, f"done: {iteration} iterations in {timedelta(seconds=round(time.perf_counter() - started))}; {checkpoint_path}")
+    log(process, f"done: {iteration} iterations in {timedelta(seconds=round(time.perf_counter() - monitor.started))}; {checkpoint_path}")
     return 0
-
-
-def run_epoch(model, loader, optimizer, scheduler, scaler, precision, args, process, metrics,
-              epoch, iteration, total_iterations, started, stop_signal, checkpoint):
-    """One epoch of train steps; returns the global iteration reached."""
-    windows, names = defaultdict(Window), None
-    pending = []  # per-iteration losses still on the device, read every --log-every iterations
-    first_batch = loader.start_batch
-    step_started = time.perf_counter()
-    wait_before = loader.wait_seconds
-    graphs_before = graphs_compiled()
-    for batch_index, (images, targets) in enumerate(loader, start=first_batch):
-        step_start = time.perf_counter()
-        losses, names = train_step(model, images, targets, optimizer, scheduler, scaler, precision, args.clip_grad)
-        iteration += 1
-        pending.append((iteration, losses))
-        if iteration == 1 or iteration % args.log_every == 0 or iteration >= total_iterations or batch_index + 1 == len(loader) or stop_signal:
-            check_and_log(pending, names, windows, process, metrics, loader, optimizer, epoch, batch_index, iteration,
-                          total_iterations, started, step_started, wait_before, graphs_before, args.batch_size)
-            pending, step_started, wait_before = [], time.perf_counter(), loader.wait_seconds
-        elif loader.device.type == "cpu":
-            check_finite(pending[-1:], names)  # no device to wait for on the CPU: stop at the very step
-        if stop_signal:
-            checkpoint(epoch, batch_index + 1, iteration)
-            log(process, f"stopped by signal at epoch {epoch}, iteration {iteration}; saved last.pt; continue with --resume")
-            break
-        if iteration >= total_iterations:
-            break
-    return iteration
-
-
-def check_finite(pending, names):
-    for iteration, losses in pending:
-        values = losses.cpu()
-        if not torch.isfinite(values).all():
-            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values[1:].tolist()))
-            raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {parts}")
-
-
-def check_and_log(pending, names, windows, process, metrics, loader, optimizer, epoch, batch_index, iteration,
-                  total_iterations, started, step_started, wait_before, graphs_before, batch_size):
-    values = torch.stack([losses for _, losses in pending]).cpu()  # the one host sync per log window
-    check_finite(pending, names)
-    values = distributed.mean_over_processes(values.to(loader.device), process).cpu() if process.distributed else values
-    for row in values.tolist():
-        for name, value in zip(["loss", *names], row):
-            windows[name].add(value)
-    elapsed = time.perf_counter() - step_started
-    images_per_second = len(pending) * batch_size * process.world_size / max(elapsed, 1e-9)
-    eta = (time.perf_counter() - started) / max(iteration, 1) * (total_iterations - iteration)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if loader.device.type == "cuda" else 0.0
-    wait = loader.wait_seconds - wait_before
-    lr = optimizer.param_groups[0]["lr"]
-    if not process.main:
-        return
-    losses_text = "  ".join(f"{name}: {window}" for name, window in windows.items())
-    print(f"Epoch: [{epoch}]  [{batch_index + 1:>{len(str(len(loader)))}}/{len(loader)}]  eta: {timedelta(seconds=round(eta))}  "
-          f"lr: {lr:.6f}  {losses_text}  images/s: {images_per_second:.2f}  data: {wait:.3f}s  "
-          f"graphs: {graphs_compiled()}  max mem: {memory:.0f}MB", flush=True)
-    for (done, _), row in zip(pending, values.tolist()):
-        record = {"epoch": epoch, "iteration": done, **dict(zip(["loss", *names], row))}
-        metrics.write(json.dumps(record) + "\n")
-    metrics.write(json.dumps({"epoch": epoch, "iteration": iteration, "lr": lr, "images_per_second": images_per_second,
-                              "data_wait_s": wait, "window_s": elapsed, "graphs_compiled": graphs_compiled() - graphs_before}) + "\n")
-    metrics.flush()
-
-
-def evaluate_epoch(model, cache, test_indices, device, precision, metrics, epoch):
-    """COCO stats of the test split after an epoch, appended to metrics.jsonl; returns segm AP."""
-    report = coco_eval(cache, test_indices, predict_split(model, cache, test_indices, device, precision))
-    metrics.write(json.dumps({"epoch": epoch, **{kind: values["stats"] for kind, values in report.items()}}) + "\n")
-    metrics.flush()
-    model.train()
-    return report["segm"]["AP"]
 
 
 def log(process, message):

@@ -152,6 +152,11 @@ def test_bad_arguments_are_one_line(capsys, argv, reason):
     assert status == 2 and reason in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_a_test_split_that_leaves_nothing_to_train_on_is_one_line(tiny_cache, capsys):
+    status, _, stderr = run_train(["--cache", str(tiny_cache), "--test-size", "10", "--no-compile"], capsys)
+    assert status == 2 and "--test-size: test size 10 leaves no image" in stderr and len(stderr.strip().splitlines()) == 1
+
+
 def test_bad_weights_files_are_one_line(tmp_path, tiny_cache, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
