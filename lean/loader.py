@@ -116,14 +116,14 @@ def _mapped_parts(cache, batch, train):
         height, width = (int(side) for side in cache.sizes[index])
         span = slice(int(cache.pixel_offsets[index]), int(cache.pixel_offsets[index + 1]))
         fields = {name: torch.from_numpy(array) for name, array in _instance_parts(cache, index, train).items()}
-        parts.append({"pixels": pixels[span].view(height, width, 3), "map": maps[span].view(height, width), **fields})
+        parts.append({"index": index, "pixels": pixels[span].view(height, width, 3), "map": maps[span].view(height, width), **fields})
     return parts
 
 
 def _pack(cache, batch, slot, train):
     """Copy a batch's pixels, maps and instance arrays into `slot`, each 8-byte aligned; returns the bytes used.
 
-    `slot.layout` records, per image, its size and each part's byte span.
+    `slot.layout` records, per image, its index, size and each part's byte span.
     """
     host = slot.buffer.numpy()
     cursor = 0
@@ -136,7 +136,7 @@ def _pack(cache, batch, slot, train):
             host[cursor : cursor + data.size] = data
             spans[name] = cursor, cursor + data.size
             cursor = -(-(cursor + data.size) // ALIGN) * ALIGN
-        layout.append({"size": tuple(int(side) for side in cache.sizes[index]), **spans})
+        layout.append({"index": index, "size": tuple(int(side) for side in cache.sizes[index]), **spans})
     slot.layout = layout
     return cursor
 
@@ -147,6 +147,7 @@ def _unpacked_parts(data, layout):
     for item in layout:
         height, width = item["size"]
         part = {name: data[slice(*item[name])].view(dtype) for name, dtype in _FIELDS.items()}
+        part["index"] = item["index"]
         part["pixels"] = data[slice(*item["pixels"])].view(height, width, 3)
         part["map"] = data[slice(*item["map"])].view(height, width)
         parts.append(part)
@@ -175,7 +176,7 @@ def assemble(parts, flips, dtype=torch.float32):
     images, targets = [], []
     for part in parts:
         pixels, id_map, boxes = part["pixels"], part["map"], part["boxes"].view(-1, 4)
-        flipped = bool(flips[int(part["image_id"][0])])
+        flipped = bool(flips[part["index"]])  # a host int: reading image_id on the device would sync
         if flipped:  # flip uint8 pixels and the map: cheaper than floats and masks
             pixels, id_map = pixels.flip(1), id_map.flip(1)
             boxes = flip_boxes(boxes, pixels.shape[1])
