@@ -195,8 +195,8 @@ def eval_section(root, repeats, scratch):
 
 def print_table(rows, header):
     print(header)
-    print(f"| section | measure | seed pipeline | seed | lean | lean vs seed |")
-    print(f"|---|---|---|---|---|---|")
+    print("| section | measure | seed pipeline | seed | lean | lean vs seed |")
+    print("|---|---|---|---|---|---|")
     for section, measure, baseline, seed, lean, ratio in rows:
         ratio_text = "-" if ratio != ratio else f"{ratio:.2f}x"
         seed_text = "-" if baseline == "-" else f"{seed:.3g}"

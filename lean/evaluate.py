@@ -23,9 +23,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from lean.cache import Cache
+from lean.checkpoint import load_checkpoint
 from lean.cli import Parser, run
 from lean.errors import LeanError
 from lean.loader import Loader, split_indices
+from lean.model import build_model
 from lean.targets import masks_of
 
 STAT_NAMES = (
@@ -147,9 +149,6 @@ def parse_args(argv):
 
 def load_run(checkpoint, device):
     """The model of a lean checkpoint, on `device`, and the training arguments it was saved with."""
-    from lean.model import build_model
-    from lean.train import load_checkpoint
-
     if not checkpoint.is_file():
         raise LeanError(f"--checkpoint {checkpoint}: no such file")
     state = load_checkpoint(checkpoint)

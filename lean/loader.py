@@ -1,14 +1,17 @@
-"""Batches from the cache, gathered ahead in a background thread, onto the device.
+"""Batches from the cache, made ahead in a background thread, on the device.
 
-The flow per batch:
+The flow per batch, on CUDA:
 
-    cache (memory-mapped)  --gather thread-->  pinned host slot  --side stream, non_blocking-->
-    device bytes  --unpack-->  float images, masks, boxes: what MaskRCNN.forward takes
+    cache (memory-mapped)  --thread: pack-->  pinned host slot  --side stream, non_blocking-->
+    device bytes  --assemble, on the device-->  images, masks, boxes: what MaskRCNN.forward takes
+
+and on the CPU, where there is no copy to make, the thread assembles each
+batch straight from zero-copy tensors over the memory map.
 
 Which images form which batch, and which are flipped, are pure functions of
-(seed, epoch), computed from `cache.sizes` alone; the thread only copies
-bytes. So the batches are the same on every run, on CPU and CUDA, however
-far ahead the thread has read, and an epoch can be resumed at any batch.
+(seed, epoch), computed from `cache.sizes` alone. So the batches are the same
+on every run, on CPU and CUDA, however far ahead the thread has read, and an
+epoch can be resumed at any batch.
 """
 
 import queue
@@ -85,10 +88,10 @@ def flip_decisions(seed, epoch, count):
 
 
 class _Slot:
-    """One reusable pinned host buffer a batch is packed into for the copy to the device."""
+    """One reusable host buffer (pinned, for CUDA) a batch is packed into for the copy to the device."""
 
-    def __init__(self, capacity):
-        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+    def __init__(self, capacity, pinned=True):
+        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
         self.copied = None  # CUDA event: the device copy of this slot's last batch has finished reading it
         self.layout = None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lean.download import fetch_pennfudan
 from lean.errors import LeanError
 from lean.targets import TooManyInstances, compact_instance_map
 
@@ -162,6 +163,4 @@ def default_root(root=None, download_to="data"):
     local = Path(download_to) / "PennFudanPed"
     if local.is_dir():
         return local
-    from lean.download import fetch_pennfudan
-
     return fetch_pennfudan(Path(download_to))

@@ -9,8 +9,6 @@ the rate for the total batch (batch size x processes).
 
 import argparse
 import json
-import os
-import shutil
 import signal
 import statistics
 import sys
@@ -23,6 +21,7 @@ import torch
 
 from lean import distributed
 from lean.cache import Cache, build
+from lean.checkpoint import copy_atomically, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lean.cli import Parser, run
 from lean.errors import LeanError
 from lean.evaluate import coco_eval, predict_split
@@ -79,42 +78,6 @@ def train_step(model, images, targets, optimizer, scheduler, scaler, amp_dtype, 
     scaler.update()
     scheduler.step()
     return torch.stack([total.detach(), *(loss.detach().float() for loss in losses.values())]), list(losses)
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-
-
-def save_checkpoint(path, state):
-    """torch.save to a temporary name, then rename: a crash mid-write never replaces a good checkpoint."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def copy_atomically(source, target):
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, foreign or tampered files alike
-        raise LeanError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from None
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- logging --------------------------------------------------------------------------------------

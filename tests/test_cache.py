@@ -20,7 +20,7 @@ from lean.cache.__main__ import main as cache_main
 from lean.errors import LeanError
 from lean.sources import PennFudanSource
 from lean.synthetic import SyntheticSource
-from lean.targets import compact_instance_map, targets
+from lean.targets import targets
 from tests.conftest import ArraySource, cli, write_pennfudan
 from tests.test_targets import instance_maps
 

@@ -164,8 +164,7 @@ def test_degenerate_instances_are_left_out_of_training_targets_only(tmp_path):
 def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
     # The CUDA path packs into a slot and unpacks views of the copied bytes; on the CPU it can be run as it is.
     loader = Loader(cache, batch_size=4, device="cpu", seed=1)
-    slot = _Slot.__new__(_Slot)
-    slot.buffer, slot.copied = torch.empty(loader._slot_capacity(), dtype=torch.uint8), None
+    slot = _Slot(loader._slot_capacity(), pinned=False)  # pinning needs CUDA
     flips = loader.flips()
     for batch in loader.batches():
         used = _pack(cache, batch, slot, train=True)
