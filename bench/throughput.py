@@ -73,7 +73,7 @@ def decode_only(source):
     """The floor the build is measured against: one process decoding every PNG and nothing else."""
 
     def work():
-        for _, image_path, mask_path in source._pairs:
+        for _, image_path, mask_path in source.pairs:
             np.asarray(Image.open(image_path).convert("RGB"))
             np.asarray(Image.open(mask_path))
 

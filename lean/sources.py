@@ -114,11 +114,11 @@ class PennFudanSource:
 
     def __init__(self, root):
         self.root = Path(root)
-        self._pairs = find_pairs(self.root)
-        self.names = [name for name, _, _ in self._pairs]
+        self.pairs = find_pairs(self.root)
+        self.names = [name for name, _, _ in self.pairs]
 
     def __len__(self):
-        return len(self._pairs)
+        return len(self.pairs)
 
     def params(self):
         return {"source": self.kind, "root": str(self.root.resolve())}
@@ -126,7 +126,7 @@ class PennFudanSource:
     def sizes(self):
         """(N, 2) int64 (height, width) of every image, read from PNG headers and checked against the masks."""
         sizes = np.zeros((len(self), 2), dtype=np.int64)
-        for i, (_, image_path, mask_path) in enumerate(self._pairs):
+        for i, (_, image_path, mask_path) in enumerate(self.pairs):
             sizes[i] = png_size(image_path)
             mask_size = png_size(mask_path)
             if mask_size != tuple(sizes[i]):
@@ -136,7 +136,7 @@ class PennFudanSource:
         return sizes
 
     def load(self, i):
-        _, image_path, mask_path = self._pairs[i]
+        _, image_path, mask_path = self.pairs[i]
         image, image_digest = read_png(image_path)
         mask, mask_digest = read_png(mask_path)
         pixels = to_rgb(image)
