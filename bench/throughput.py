@@ -114,7 +114,7 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     bf16, channels-last, compiled backbone); its compile time is the warm-up's excess and is reported apart.
     """
     from bench.seed_pipeline import seed_model
-    from lean.model import build_model
+    from lean.model import build_model, tune_for_speed
     from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -147,11 +147,8 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
 
     cache = Cache(build(PennFudanSource(root), scratch / "train.h5", progress=False))
     torch.manual_seed(0)
-    model = build_model(2, "resnet50_fpn", "none", min_size, max_size, canvas_step=64).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    model.transform.channels_last = True
-    if compile_backbone:
-        model.backbone.compile(dynamic=False)
+    model = build_model(2, "resnet50_fpn", "none", min_size, max_size).to(device)
+    model = tune_for_speed(model, channels_last=True, compile_backbone=compile_backbone)
     model.train()
     optimizer = make_optimizer(model, 0.005)
     loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)

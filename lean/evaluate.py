@@ -28,7 +28,6 @@ from lean.cli import Parser, run
 from lean.errors import LeanError
 from lean.loader import Loader, split_indices
 from lean.model import build_model
-from lean.targets import masks_of
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -50,7 +49,7 @@ def ground_truth(cache, indices):
         height, width = (int(side) for side in cache.sizes[index])
         images.append({"id": int(index), "height": height, "width": width})
         fields = cache.instance_targets(index)
-        masks = masks_of(cache.instance_map(index), np.arange(1, len(fields["boxes"]) + 1))
+        masks = cache.masks(index)
         for box, area, label, crowd, mask in zip(fields["boxes"], fields["area"], fields["labels"], fields["iscrowd"], masks):
             x0, y0, x1, y1 = box.tolist()
             annotations.append({

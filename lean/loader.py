@@ -227,13 +227,19 @@ class Loader:
         self.dtype = dtype
         self.groups = aspect_groups(cache.sizes)
         self.epoch, self.start_batch = 0, 0
+        self._batches = None  # (epoch, its batches): len(loader) is asked every step
         self.wait_seconds = 0.0  # time the consumer spent waiting for the gather thread (CPU side)
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
     def batches(self):
-        """This rank's batches of cache indices for the current epoch."""
+        """This rank's batches of cache indices for the current epoch (worked out once per epoch)."""
+        if self._batches is None or self._batches[0] != self.epoch:
+            self._batches = self.epoch, self._epoch_batches()
+        return self._batches[1]
+
+    def _epoch_batches(self):
         if self.shuffle:
             return epoch_batches(self.groups, self.indices, self.batch_size, self.seed, self.epoch, self.rank, self.world_size, self.drop_last)
         order = self.indices[self.rank :: self.world_size]

@@ -28,6 +28,7 @@ from lean.errors import LeanError
 
 BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn")
 MASK_HIDDEN = 256
+COMPILED_CANVAS_STEP = 64
 SMALL_HIDDEN = 128  # channels of the small model's mask head; its box head has 4x this
 
 
@@ -50,13 +51,12 @@ class Uint8Transform(GeneralizedRCNNTransform):
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
 
-def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size=800, max_size=1333, canvas_step=32):
+def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size=800, max_size=1333):
     """A Mask R-CNN for `num_classes` (background included).
 
     weights: "coco" (COCO Mask R-CNN weights for resnet50_fpn, ImageNet
     backbone weights for the mobilenets), "none" (random init), or the path
-    of a state dict or a lean checkpoint. canvas_step rounds the padded batch
-    shape, so that a compiled backbone sees few distinct shapes.
+    of a state dict or a lean checkpoint.
     """
     if backbone not in BACKBONES:
         raise LeanError(f"--backbone {backbone}: unknown; choose one of {', '.join(BACKBONES)}")
@@ -64,9 +64,7 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     with _download_errors("COCO" if backbone == "resnet50_fpn" else "ImageNet"):
         model = _BUILDERS[backbone](num_classes, pretrained, min_size, max_size)
     transform = model.transform
-    model.transform = Uint8Transform(
-        min_size, max_size, transform.image_mean, transform.image_std, size_divisible=canvas_step
-    )
+    model.transform = Uint8Transform(min_size, max_size, transform.image_mean, transform.image_std)
     if weights not in ("coco", "none"):
         try:
             model.load_state_dict(load_weights(weights))
@@ -74,6 +72,21 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
             raise LeanError(
                 f"{weights}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
             ) from None
+    return model
+
+
+def tune_for_speed(model, channels_last=True, compile_backbone=True):
+    """lean.train's speed settings, in one place: channels-last weights and batches, a compiled backbone.
+
+    Compiling also coarsens the padded batch shape to multiples of COMPILED_CANVAS_STEP pixels, so the
+    statically shaped backbone meets few distinct shapes. Compiles in place: state dict keys are unchanged.
+    """
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.transform.channels_last = True
+    if compile_backbone:
+        model.transform.size_divisible = COMPILED_CANVAS_STEP
+        model.backbone.compile(dynamic=False)
     return model
 
 

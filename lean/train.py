@@ -26,7 +26,7 @@ from lean.cli import Parser, run
 from lean.errors import LeanError
 from lean.evaluate import coco_eval, predict_split
 from lean.loader import Loader, split_indices
-from lean.model import BACKBONES, build_model
+from lean.model import BACKBONES, build_model, tune_for_speed
 from lean.sources import PennFudanSource, default_root
 
 DEFAULT_CACHE = Path("cache/pennfudan.h5")
@@ -275,11 +275,8 @@ def train(args, device, process):
     iterations_per_epoch = len(loader)
 
     torch.manual_seed(args.seed)
-    canvas_step = 64 if args.compile else 32  # fewer distinct padded shapes for the compiled backbone
-    model = build_model(2, args.backbone, args.weights, args.min_size, args.max_size, canvas_step).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.transform.channels_last = True
+    model = build_model(2, args.backbone, args.weights, args.min_size, args.max_size).to(device)
+    model = tune_for_speed(model, args.channels_last, args.compile)
     if args.sync_bn and process.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, args.lr)
@@ -298,8 +295,6 @@ def train(args, device, process):
         best_segm_ap = state["best_segm_ap"]
         set_rng_state(state["rng"])
         log(process, f"resuming {checkpoint_path} at epoch {start_epoch}, batch {start_batch}, iteration {iteration}")
-    if args.compile:
-        model.backbone.compile(dynamic=False)
     trainable = model
     if process.distributed:
         trainable = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -95,11 +95,16 @@ class Cache:
         span = slice(self.instance_offsets[i], self.instance_offsets[i + 1])
         return {field: values[span] for field, values in self.instances.items()}
 
+    def masks(self, i):
+        """N x H x W uint8 masks of image i, one per instance, in target order."""
+        i, _ = self._span(i)
+        count = int(self.instance_offsets[i + 1] - self.instance_offsets[i])
+        return masks_of(self.instance_map(i), np.arange(1, count + 1))
+
     def target(self, i):
         """The tutorial's target dict for image i, as torch tensors."""
         i, _ = self._span(i)
         target = {field: torch.from_numpy(np.array(values)) for field, values in self.instance_targets(i).items()}
-        count = len(target["labels"])
-        target["masks"] = torch.from_numpy(masks_of(self.instance_map(i), np.arange(1, count + 1)))
+        target["masks"] = torch.from_numpy(self.masks(i))
         target["image_id"] = torch.tensor([i], dtype=torch.int64)
         return target
