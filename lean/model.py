@@ -5,6 +5,8 @@
     mobilenet_v2      the tutorial's second recipe: MobileNetV2 features as the
                       backbone (1280 channels, one feature map), 5 x 3 anchors
     mobilenet_v3_fpn  MobileNetV3-Large with an FPN: small and fast, for CPUs and tests
+    resnet18_fpn      ResNet-18 with a slim FPN and GroupNorm: the one to train from
+                      scratch on a CPU (see the README's convergence check)
 
 Every model takes uint8 or float images: lean's transform folds the uint8 to
 [0, 1] conversion into its normalisation, so the loader can hand over the
@@ -18,18 +20,20 @@ import torch
 import torchvision
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from lean.errors import LeanError
 
-BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn")
+BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
 MASK_HIDDEN = 256
 COMPILED_CANVAS_STEP = 64
-SMALL_HIDDEN = 128  # channels of the small model's mask head; its box head has 4x this
+SMALL_HIDDEN = 128  # channels of mobilenet_v3_fpn's mask head; its box head has 4x this
+SLIM_CHANNELS = 64  # resnet18_fpn's FPN and mask head channels; its box head has 4x this
 
 
 class Uint8Transform(GeneralizedRCNNTransform):
@@ -128,10 +132,40 @@ def _mobilenet_v3_fpn(num_classes, pretrained, min_size, max_size):
         trainable_layers=3 if pretrained else 6,
         norm_layer=torchvision.ops.misc.FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d,
     )
-    # Meant for small images and CPUs: anchors one octave smaller than torchvision's for this backbone,
-    # a quarter of the proposals and sampled regions, and slimmer heads: with torchvision's heads the
-    # mask head's four 256-channel convolutions and RoIAlign's backward take most of a CPU step.
+    # Anchors one octave smaller than torchvision's for this backbone: meant for small images.
     anchors = AnchorGenerator(sizes=((16, 32, 64, 128, 256),) * 3, aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    return _small_mask_rcnn(backbone, anchors, SMALL_HIDDEN, num_classes, min_size, max_size)
+
+
+def _resnet18_fpn(num_classes, pretrained, min_size, max_size):
+    # From scratch, GroupNorm rather than BatchNorm: the statistics of a batch of 2-4 images are noisy,
+    # and the running ones that evaluation would use lag far behind a network that is still changing fast.
+    norm = torchvision.ops.misc.FrozenBatchNorm2d if pretrained else _group_norm
+    trunk = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None, norm_layer=norm)
+    if pretrained:  # torchvision's default for a pretrained detection backbone: the first stages stay as trained
+        for module in (trunk.conv1, trunk.layer1):
+            module.requires_grad_(False)
+    # All four stages, strides 4 to 32: masks of small figures are pooled from the stride-4 level,
+    # where a leg a few pixels wide is still there to see.
+    stages = {f"layer{k}": str(k - 1) for k in range(1, 5)}
+    backbone = BackboneWithFPN(trunk, stages, [64, 128, 256, 512], SLIM_CHANNELS, extra_blocks=LastLevelMaxPool())
+    # One anchor size per level (strides 4 to 64), three shapes each.
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    return _small_mask_rcnn(backbone, anchors, SLIM_CHANNELS, num_classes, min_size, max_size, mask_convs=4, box_batch_size_per_image=64)
+
+
+def _group_norm(channels):
+    return torch.nn.GroupNorm(min(32, channels // 4), channels)
+
+
+def _small_mask_rcnn(backbone, anchors, hidden, num_classes, min_size, max_size, mask_convs=2, box_batch_size_per_image=128):
+    """A Mask R-CNN sized for small images on a CPU.
+
+    A quarter of torchvision's proposals, a quarter (or less) of its sampled regions, and slim heads: with
+    torchvision's heads the mask head's four 256-channel convolutions and RoIAlign's backward take most of
+    a CPU step.
+    """
+    channels = backbone.out_channels
     return MaskRCNN(
         backbone,
         num_classes=None,  # the predictors below carry it
@@ -143,16 +177,21 @@ def _mobilenet_v3_fpn(num_classes, pretrained, min_size, max_size):
         rpn_post_nms_top_n_train=500,
         rpn_pre_nms_top_n_test=250,
         rpn_post_nms_top_n_test=250,
-        box_batch_size_per_image=128,
+        box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=50,
-        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, SMALL_HIDDEN * 4),
-        box_predictor=FastRCNNPredictor(SMALL_HIDDEN * 4, num_classes),
-        mask_head=MaskRCNNHeads(backbone.out_channels, (SMALL_HIDDEN, SMALL_HIDDEN), 1),
-        mask_predictor=MaskRCNNPredictor(SMALL_HIDDEN, SMALL_HIDDEN, num_classes),
+        box_head=TwoMLPHead(channels * 7 * 7, hidden * 4),
+        box_predictor=FastRCNNPredictor(hidden * 4, num_classes),
+        mask_head=MaskRCNNHeads(channels, (hidden,) * mask_convs, 1),
+        mask_predictor=MaskRCNNPredictor(hidden, hidden, num_classes),
     )
 
 
-_BUILDERS = {"resnet50_fpn": _resnet50_fpn, "mobilenet_v2": _mobilenet_v2, "mobilenet_v3_fpn": _mobilenet_v3_fpn}
+_BUILDERS = {
+    "resnet50_fpn": _resnet50_fpn,
+    "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v3_fpn": _mobilenet_v3_fpn,
+    "resnet18_fpn": _resnet18_fpn,
+}
 
 
 class _download_errors:

@@ -1,5 +1,6 @@
 """Training: the schedule, the step, resume, failure, compile and DDP, on tiny synthetic caches and the small model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,16 @@ def test_resume_after_an_epoch_ends_with_the_same_weights(tiny_cache, tmp_path, 
         assert torch.equal(value, split["model"][key]), key
 
 
+def test_eval_every_k_epochs_and_after_the_last_with_adamw(tiny_cache, tmp_path, capsys):
+    argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--amp", "off", "--epochs", "3",
+            "--eval-every", "2", "--optimizer", "adamw", "--lr", "1e-4", "--out", str(tmp_path)]  # fmt: skip
+    assert run_train(argv, capsys)[0] == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records if "segm" in record] == [1, 2]
+    optimizer = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
+    assert "exp_avg" in next(iter(optimizer["state"].values()))  # AdamW's moments: resume restores them
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, capsys, monkeypatch):
     common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--out", str(tmp_path)]
     assert run_train([*common, "--epochs", "1"], capsys)[0] == 0
@@ -142,6 +153,9 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny_cache, tmp_path)
     "argv, reason",
     [
         (["--epochs", "0"], "--epochs: must be at least 1"),
+        (["--eval-every", "0"], "--eval-every: must be at least 1"),
+        (["--weight-decay", "-1"], "--weight-decay: must not be negative"),
+        (["--optimizer", "adam"], "--optimizer: invalid choice"),
         (["--resume"], "--resume: needs --out"),
         (["--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
         (["--cache", "nowhere.h5"], "nowhere.h5: no such file"),
