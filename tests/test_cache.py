@@ -242,12 +242,19 @@ def test_failed_build_leaves_the_old_cache_untouched(tmp_path, workers):
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
 
 
+def _foreground_ctrl_c():
+    """Let the command take Ctrl-C as in a terminal, even when these tests run as a background job (which ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_build_leaves_the_old_cache_untouched(tmp_path):
     out = tmp_path / "c.h5"
     build(SyntheticSource(3, 0), out, workers=0, progress=False)
     before = out.read_bytes()
     command = [sys.executable, "-m", "lean.cache", "build", "--source", "synthetic", "--num-images", "5000"]
-    process = subprocess.Popen(command + ["--out", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command + ["--out", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True, preexec_fn=_foreground_ctrl_c
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".c.h5.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.05)
