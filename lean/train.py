@@ -130,16 +130,16 @@ class Monitor:
         if iteration == 1 or iteration % self.log_every == 0 or iteration >= self.total_iterations or last_of_epoch:
             self.flush(epoch, batch_index, names)
         elif self.loader.device.type == "cpu":
-            check_finite(self.pending[-1:], names)
+            check_finite([iteration], losses.view(1, -1), names)
 
     def flush(self, epoch, batch_index, names):
         if not self.pending:
             return
         values = torch.stack([losses for _, losses in self.pending]).cpu()  # the one host sync per window
-        check_finite(self.pending, names)
+        iterations = [iteration for iteration, _ in self.pending]
+        check_finite(iterations, values, names)
         if self.process.distributed:
             values = distributed.mean_over_processes(values.to(self.loader.device), self.process).cpu()
-        iterations = [iteration for iteration, _ in self.pending]
         self.pending = []
         for row in values.tolist():
             for name, value in zip(["loss", *names], row):
@@ -172,11 +172,11 @@ class Monitor:
             self.metrics.flush()
 
 
-def check_finite(pending, names):
-    for iteration, losses in pending:
-        values = losses.cpu()
-        if not torch.isfinite(values).all():
-            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values[1:].tolist()))
+def check_finite(iterations, values, names):
+    """Raise NonFiniteLoss for the first row of `values` (total, then each of `names`) that is not finite."""
+    for iteration, row in zip(iterations, values):
+        if not torch.isfinite(row).all():
+            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, row[1:].tolist()))
             raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {parts}")
 
 
