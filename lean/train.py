@@ -113,10 +113,10 @@ class Monitor:
     step is checked at once.
     """
 
-    def __init__(self, loader, optimizer, process, metrics, log_every, total_iterations):
+    def __init__(self, loader, optimizer, process, metrics, log_every, total_iterations, start_iteration=0):
         self.loader, self.optimizer, self.process, self.metrics = loader, optimizer, process, metrics
         self.log_every, self.total_iterations = log_every, total_iterations
-        self.started = time.perf_counter()
+        self.started, self.start_iteration = time.perf_counter(), start_iteration  # a resumed run's ETA counts its own pace
         self.pending = []  # (iteration, losses on the device) not read yet
         self.new_epoch()
 
@@ -152,7 +152,8 @@ class Monitor:
         elapsed = time.perf_counter() - self.window_started
         images_per_second = len(rows) * self.loader.batch_size * self.process.world_size / max(elapsed, 1e-9)
         iteration = iterations[-1]
-        eta = (time.perf_counter() - self.started) / iteration * (self.total_iterations - iteration)
+        done_here = iteration - self.start_iteration
+        eta = (time.perf_counter() - self.started) / done_here * (self.total_iterations - iteration)
         memory = torch.cuda.max_memory_allocated() / 2**20 if self.loader.device.type == "cuda" else 0.0
         wait = self.loader.wait_seconds - self.wait_before
         lr = self.optimizer.param_groups[0]["lr"]
@@ -335,7 +336,7 @@ def train(args, device, process):
             })
 
     metrics = (out / "metrics.jsonl").open("a") if process.main else None
-    monitor = Monitor(loader, optimizer, process, metrics, args.log_every, total_iterations)
+    monitor = Monitor(loader, optimizer, process, metrics, args.log_every, total_iterations, iteration)
     try:
         trainable.train()
         for epoch in range(start_epoch, args.epochs):

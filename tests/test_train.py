@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from lean.cache import Cache, build
 from lean.loader import Loader
 from lean.model import COMPILED_CANVAS_STEP, build_model, load_weights
 from lean.synthetic import SyntheticSource
-from lean.train import lr_factor, main as train_main, make_optimizer, make_scheduler, train_step
+from lean.train import Monitor, lr_factor, main as train_main, make_optimizer, make_scheduler, train_step
 from tests.conftest import cli
 
 SMALL = ["--backbone", "mobilenet_v3_fpn", "--weights", "none", "--min-size", "96", "--max-size", "160"]
@@ -104,6 +105,24 @@ def test_eval_every_k_epochs_and_after_the_last_with_adamw(tiny_cache, tmp_path,
     assert [record["epoch"] for record in records if "segm" in record] == [1, 2]
     optimizer = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
     assert "exp_avg" in next(iter(optimizer["state"].values()))  # AdamW's moments: resume restores them
+
+
+class _FakeLoader(SimpleNamespace):
+    def __len__(self):
+        return 20
+
+
+def test_eta_after_resume_counts_only_the_iterations_of_this_run(monkeypatch, capsys):
+    clock = [1000.0]
+    monkeypatch.setattr("lean.train.time.perf_counter", lambda: clock[0])
+    loader = _FakeLoader(batch_size=2, device=torch.device("cpu"), wait_seconds=0.0)
+    optimizer = SimpleNamespace(param_groups=[{"lr": 0.005}])
+    process = SimpleNamespace(distributed=False, main=True, world_size=1)
+    monitor = Monitor(loader, optimizer, process, None, log_every=5, total_iterations=100, start_iteration=90)
+    for iteration in range(91, 96):  # resumed at 90: five iterations of 2 s each, five to go
+        clock[0] += 2.0
+        monitor.add(4, iteration - 81, iteration, torch.zeros(2), ["loss_mask"])
+    assert "eta: 0:00:10" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, capsys, monkeypatch):
