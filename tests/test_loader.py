@@ -167,9 +167,10 @@ def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
     slot = _Slot(loader._slot_capacity(), pinned=False)  # pinning needs CUDA
     flips = loader.flips()
     for batch in loader.batches():
-        used = _pack(cache, batch, slot, train=True)
+        instances = loader._batch_instances(batch, flips)
+        used = _pack(cache, batch, instances, slot)
         packed = assemble(_unpacked_parts(slot.buffer[:used], slot.layout), flips, dtype)
-        mapped = assemble(_mapped_parts(cache, batch, train=True), flips, dtype)
+        mapped = assemble(_mapped_parts(cache, batch, instances), flips, dtype)
         for got, want in zip(packed[0], mapped[0]):
             assert torch.equal(got, want)
         for got, want in zip(packed[1], mapped[1]):
