@@ -359,7 +359,10 @@ def train(args, device, process):
             improved = False
             last_epoch = epoch + 1 == args.epochs or iteration >= total_iterations
             if process.main and not args.no_eval and ((epoch + 1) % args.eval_every == 0 or last_epoch):
-                report = coco_eval(cache, test_indices, predict_split(model, cache, test_indices, device, precision))
+                # Eager: each test-image shape would be one more compiled graph, costing more than 50 images take.
+                with torch.compiler.set_stance("force_eager"):
+                    predictions = predict_split(model, cache, test_indices, device, precision)
+                report = coco_eval(cache, test_indices, predictions)
                 monitor.record({"epoch": epoch, **{kind: values["stats"] for kind, values in report.items()}})
                 improved, best_segm_ap = report["segm"]["AP"] > best_segm_ap, max(report["segm"]["AP"], best_segm_ap)
                 trainable.train()

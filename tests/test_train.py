@@ -247,6 +247,33 @@ def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_buc
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path, capsys, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    import lean.train
+
+    def tune_quickly(model, channels_last=True, compile_backbone=True):  # aot_eager: dynamo's guards, no codegen
+        model.backbone.compile(dynamic=False, backend="aot_eager")
+        return model
+
+    graphs_during_evaluation = []
+
+    def counted(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        predictions = real_predict_split(*args, **kwargs)
+        graphs_during_evaluation.append(counters["stats"]["unique_graphs"] - before)
+        return predictions
+
+    real_predict_split = lean.train.predict_split
+    monkeypatch.setattr("lean.train.tune_for_speed", tune_quickly)
+    monkeypatch.setattr("lean.train.predict_split", counted)
+    torch._dynamo.reset()
+    argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "4", "--amp", "off", "--epochs", "1", "--out", str(tmp_path)]
+    assert run_train(argv, capsys)[0] == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # training did compile
+    assert graphs_during_evaluation == [0]
+
+
 # --- DDP -----------------------------------------------------------------------------------------
 
 
