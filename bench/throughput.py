@@ -209,7 +209,7 @@ def parse_args(argv):
     parser.add_argument("--min-size", type=int, default=320)
     parser.add_argument("--max-size", type=int, default=512)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="lean's backbone compiled, as lean.train's default")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="lean's backbone compiled, as lean.train's default on CUDA")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)

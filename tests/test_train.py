@@ -15,7 +15,7 @@ from lean.cache import Cache, build
 from lean.loader import Loader
 from lean.model import COMPILED_CANVAS_STEP, build_model, load_weights
 from lean.synthetic import SyntheticSource
-from lean.train import Monitor, lr_factor, main as train_main, make_optimizer, make_scheduler, train_step
+from lean.train import Monitor, lr_factor, main as train_main, make_optimizer, make_scheduler, parse_args, train_step
 from tests.conftest import cli
 
 SMALL = ["--backbone", "mobilenet_v3_fpn", "--weights", "none", "--min-size", "96", "--max-size", "160"]
@@ -247,6 +247,14 @@ def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_buc
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compile_is_the_default_on_cuda_only():
+    assert parse_args(["--device", "cpu"]).compile is False
+    assert parse_args(["--device", "cpu", "--compile"]).compile is True
+    if torch.cuda.is_available():
+        assert parse_args(["--device", "cuda"]).compile is True
+        assert parse_args(["--device", "cuda", "--no-compile"]).compile is False
+
+
 def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path, capsys, monkeypatch):
     from torch._dynamo.utils import counters
 
@@ -268,7 +276,7 @@ def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path,
     monkeypatch.setattr("lean.train.tune_for_speed", tune_quickly)
     monkeypatch.setattr("lean.train.predict_split", counted)
     torch._dynamo.reset()
-    argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "4", "--amp", "off", "--epochs", "1", "--out", str(tmp_path)]
+    argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "4", "--amp", "off", "--compile", "--epochs", "1", "--out", str(tmp_path)]
     assert run_train(argv, capsys)[0] == 0
     assert counters["stats"]["unique_graphs"] >= 1  # training did compile
     assert graphs_during_evaluation == [0]
