@@ -240,6 +240,17 @@ def test_an_error_in_the_thread_reaches_the_consumer(cache, monkeypatch):
     assert _loader_threads() == []
 
 
+def test_a_cpu_loader_has_glibc_keep_freed_batches(cache, monkeypatch):
+    import lean.loader
+
+    calls = []
+    monkeypatch.setattr("lean.loader.keep_freed_memory", lambda: calls.append(1))
+    Loader(cache, device="cpu")
+    assert calls == [1]
+    monkeypatch.undo()
+    assert lean.loader.keep_freed_memory()  # glibc accepted both settings (this machine runs glibc)
+
+
 # --- CUDA (skipped without a GPU) ----------------------------------------------------------------
 
 
