@@ -228,7 +228,7 @@ def keep_freed_memory(limit=1 << 30):
     Every batch is new memory, owned by the consumer. With glibc's defaults,
     freed batches of a few hundred KiB go back to the operating system and
     the next ones fault their pages in afresh. Keeping them made the CPU
-    loader 25 % faster on uint8 batches and 50 % on float32 ones. A process-wide
+    loader about 12 % faster on uint8 batches and 50 % on float32 ones. A process-wide
     setting, as jemalloc or tcmalloc would be; the process may hold up to
     `limit` more memory than it uses.
     """

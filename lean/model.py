@@ -165,7 +165,8 @@ def _small_mask_rcnn(backbone, anchors, hidden, num_classes, min_size, max_size,
     A quarter of torchvision's proposals, a quarter (or less) of its sampled regions, and slim heads: with
     torchvision's heads the mask head's four 256-channel convolutions and RoIAlign's backward take most of
     a CPU step. Half the sampled regions are positives where there are enough (torchvision: a quarter):
-    the mask head learns from positives only, and from scratch it starved on a quarter (0.02 segm AP).
+    the mask head learns from positives only, and from scratch it starved on a quarter (half bought
+    0.02 segm AP).
     `norm`, if given, follows each of the mask head's convolutions.
     """
     channels = backbone.out_channels
