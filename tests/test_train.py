@@ -264,6 +264,7 @@ def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path,
         model.backbone.compile(dynamic=False, backend="aot_eager")
         return model
 
+    real_predict_split = lean.train.predict_split
     graphs_during_evaluation = []
 
     def counted(*args, **kwargs):
@@ -272,7 +273,6 @@ def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path,
         graphs_during_evaluation.append(counters["stats"]["unique_graphs"] - before)
         return predictions
 
-    real_predict_split = lean.train.predict_split
     monkeypatch.setattr("lean.train.tune_for_speed", tune_quickly)
     monkeypatch.setattr("lean.train.predict_split", counted)
     torch._dynamo.reset()
