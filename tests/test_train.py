@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from lean.cache import Cache, build
 from lean.loader import Loader
-from lean.model import COMPILED_CANVAS_STEP, build_model, load_weights
+from lean.model import build_model, canvas_ladder, load_weights
 from lean.synthetic import SyntheticSource
 from lean.train import Monitor, lr_factor, main as train_main, make_optimizer, make_scheduler, parse_args, train_step
 from tests.conftest import cli
@@ -228,7 +228,7 @@ def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_buc
 
     torch._dynamo.reset()
     model = small_model()
-    model.transform.size_divisible = COMPILED_CANVAS_STEP  # as tune_for_speed sets it
+    model.transform.canvas_ladder = canvas_ladder(96, 160)  # as tune_for_speed sets it
     model.train()
     # Whether a call recompiles is decided by dynamo's guards, before any backend runs; aot_eager checks
     # the same guards in seconds where inductor's code generation takes minutes on two cores.
