@@ -135,7 +135,7 @@ def trained_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     cache = build(SyntheticSource(8, seed=2), folder / "c.h5", workers=0, progress=False)
     argv = ["--cache", str(cache), "--backbone", "mobilenet_v3_fpn", "--weights", "none", "--min-size", "96",
-            "--max-size", "160", "--test-size", "2", "--no-compile", "--max-iters", "2", "--out", str(folder / "run")]
+            "--max-size", "160", "--test-size", "2", "--device", "cpu", "--no-compile", "--max-iters", "2", "--out", str(folder / "run")]
     with pytest.raises(SystemExit) as exited:
         from lean.cli import run
 
