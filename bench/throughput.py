@@ -103,32 +103,68 @@ def data_section(root, repeats, scratch):
         lean_rates["Loader on CUDA, float32, images/s"] = count / median_seconds(loader_epoch(loader, cuda=True), repeats)
     for measure, rate in lean_rates.items():
         rows.append(("data", measure, baseline, seed_rate, rate, rate / seed_rate))
+    if torch.cuda.is_available():
+        rows.append(copy_rates(cache, repeats))
     return rows
 
 
+def copy_rates(cache, repeats):
+    """Host-to-device GB/s for the bytes of the largest batch: from pinned memory, as the Loader copies, and from
+    pageable memory, as `.to(device)` copies a DataLoader's batch."""
+    pixels = np.sort(cache.sizes[:, 0] * cache.sizes[:, 1])[-2:].sum()
+    nbytes = int(pixels) * 4  # RGB and the instance map, one byte each
+    rates = {}
+    for pinned in (False, True):
+        host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        if pinned:
+            host = host.pin_memory()
+
+        def work():
+            host.to("cuda", non_blocking=pinned)
+            torch.cuda.synchronize()
+
+        rates[pinned] = nbytes / median_seconds(work, max(repeats, 20)) / 1e9
+    return ("data", f"host-to-device copy of the largest batch ({nbytes / 2**20:.1f} MiB), GB/s, pinned", "pageable memory", rates[False], rates[True], rates[True] / rates[False])
+
+
+def epochs(make_batches):
+    """Batches without end: epoch after epoch of make_batches(epoch)."""
+    epoch = 0
+    while True:
+        yield from make_batches(epoch)
+        epoch += 1
+
+
+def time_steps(step, batches, count, sync):
+    """(seconds waiting for each batch, seconds of each whole step: the wait, the step, the device finishing)."""
+    waits, totals = [], []
+    for _ in range(count):
+        start = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        step(batch)
+        sync()
+        waits.append(fetched - start)
+        totals.append(time.perf_counter() - start)
+    batches.close()  # a Loader's background thread stops here
+    return waits, totals
+
+
 def train_section(root, steps, warmup, min_size, max_size, device, compile_backbone, scratch):
-    """Steady-state images/s: the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's step.
+    """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
+    step; yields each row as soon as it is measured.
 
     Both train torchvision's resnet50_fpn Mask R-CNN from the same random init with SGD, batch 2, for
-    `warmup` untimed then `steps` timed steps. lean runs its defaults (amp where the hardware computes in
-    bf16, channels-last, compiled backbone); its compile time is the warm-up's excess and is reported apart.
+    `warmup` untimed then `steps` timed steps; a step's time runs from asking for its batch to the device
+    finishing it. lean runs its speed settings (amp where the hardware computes in bf16, channels-last),
+    eager and, with `compile_backbone`, compiled; compile time is reported apart, as the time its steps
+    took over their median, warm-up and timed steps together (a new canvas shape compiles when first met).
     """
     from bench.seed_pipeline import seed_model
     from lean.model import build_model, tune_for_speed
     from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(step_fn, batches):
-        times = []
-        for k, batch in enumerate(batches):
-            start = time.perf_counter()
-            step_fn(batch)
-            sync()
-            times.append(time.perf_counter() - start)
-            if k + 1 == warmup + steps:
-                break
-        return times[:warmup], times[warmup:]
 
     torch.manual_seed(0)
     model = seed_model(min_size, max_size).to(device).train()
@@ -143,28 +179,43 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
         loss.backward()
         optimizer.step()
 
-    _, seed_times = timed(seed_step, seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True))
+    seed_batches = epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True))
+    seed_waits, seed_totals = time_steps(seed_step, seed_batches, warmup + steps, sync)
+    seed_rate = 2 / statistics.median(seed_totals[warmup:])
+    seed_wait = 100 * sum(seed_waits[warmup:]) / sum(seed_totals[warmup:])
+    del model, optimizer
 
     cache = Cache(build(PennFudanSource(root), scratch / "train.h5", progress=False))
-    torch.manual_seed(0)
-    model = build_model(2, "resnet50_fpn", "none", min_size, max_size).to(device)
-    model = tune_for_speed(model, channels_last=True, compile_backbone=compile_backbone)
-    model.train()
-    optimizer = make_optimizer(model, 0.005)
-    loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
-    scheduler = make_scheduler(optimizer, len(loader))
     precision = amp_dtype(None, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    warm, lean_times = timed(lambda batch: train_step(model, *batch, optimizer, scheduler, scaler, precision), loader)
+    for compiled in (False, True) if compile_backbone else (False,):
+        torch.manual_seed(0)
+        model = tune_for_speed(build_model(2, "resnet50_fpn", "none", min_size, max_size).to(device), channels_last=True, compile_backbone=compiled)
+        model.train()
+        optimizer = make_optimizer(model, 0.005)
+        loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
+        scheduler = make_scheduler(optimizer, len(loader))
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
 
-    seed_rate = 2 / statistics.median(seed_times)
-    lean_rate = 2 / statistics.median(lean_times)
-    compile_s = sum(warm) - warmup * statistics.median(lean_times)
-    label = f"{device.type}, {min_size}/{max_size} px, amp {precision}, channels-last, {'compiled' if compile_backbone else 'eager'}"
-    rows = [("train", f"images/s, median of {steps} steps ({label})", "seed Dataset + eager fp32 Mask R-CNN", seed_rate, lean_rate, lean_rate / seed_rate)]
-    if compile_backbone:
-        rows.append(("train", "lean compile time in warm-up, seconds (not in the rate)", "-", 0.0, compile_s, float("nan")))
-    return rows
+        def lean_step(batch):
+            train_step(model, *batch, optimizer, scheduler, scaler, precision)
+
+        def lean_batches(epoch):
+            loader.set_epoch(epoch)
+            return loader
+
+        waits, totals = time_steps(lean_step, epochs(lean_batches), warmup + steps, sync)
+        median = statistics.median(totals[warmup:])
+        rate = 2 / median
+        label = f"{device.type}, {min_size}/{max_size} px, amp {precision}, channels-last, {'compiled' if compiled else 'eager'}"
+        yield ("train", f"images/s, median of {steps} steps ({label})", "seed Dataset + eager fp32 Mask R-CNN", seed_rate, rate, rate / seed_rate)
+        wait = 100 * sum(waits[warmup:]) / sum(totals[warmup:])
+        yield ("train", f"waiting for data, % of step time ({'compiled' if compiled else 'eager'})", "seed DataLoader, 2 workers", seed_wait, wait, float("nan"))
+        if compiled:
+            compile_s = sum(max(0.0, total - median) for total in totals)
+            yield ("train", "lean compile time, seconds: steps' time over their median (not in the rate)", "-", 0.0, compile_s, float("nan"))
+        del model, optimizer, scheduler, loader
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def eval_section(root, repeats, scratch):
@@ -190,14 +241,16 @@ def eval_section(root, repeats, scratch):
     return [("eval", f"score {len(test)} test images, seconds (stats identical: {same})", "references' CocoEvaluator approach", seed_s, lean_s, seed_s / lean_s)]
 
 
-def print_table(rows, header):
+def print_header(header):
     print(header)
     print("| section | measure | seed pipeline | seed | lean | lean vs seed |")
-    print("|---|---|---|---|---|---|")
-    for section, measure, baseline, seed, lean, ratio in rows:
-        ratio_text = "-" if ratio != ratio else f"{ratio:.2f}x"
-        seed_text = "-" if baseline == "-" else f"{seed:.3g}"
-        print(f"| {section} | {measure} | {baseline} | {seed_text} | {lean:.3g} | {ratio_text} |")
+    print("|---|---|---|---|---|---|", flush=True)
+
+
+def print_row(section, measure, baseline, seed, lean, ratio):
+    ratio_text = "-" if ratio != ratio else f"{ratio:.2f}x"
+    seed_text = "-" if baseline == "-" else f"{seed:.3g}"
+    print(f"| {section} | {measure} | {baseline} | {seed_text} | {lean:.3g} | {ratio_text} |", flush=True)
 
 
 def parse_args(argv):
@@ -209,7 +262,7 @@ def parse_args(argv):
     parser.add_argument("--min-size", type=int, default=320)
     parser.add_argument("--max-size", type=int, default=512)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="lean's backbone compiled, as lean.train's default on CUDA")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time lean with its backbone compiled (lean.train --compile)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
@@ -219,17 +272,23 @@ def main(argv=None):
     args = parse_args(argv)
     root = default_root(args.root)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    print_header(f"{machine}; {date}; medians of {args.repeats}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="lean-bench-") as scratch:
-        if "data" in args.sections:
-            rows += data_section(root, args.repeats, Path(scratch))
-        if "eval" in args.sections:
-            rows += eval_section(root, args.repeats, Path(scratch))
-        if "train" in args.sections:
-            device = torch.device(args.device)
-            rows += train_section(root, args.train_steps, args.train_warmup, args.min_size, args.max_size, device, args.compile, Path(scratch))
-    print_table(rows, f"{machine}; {date}; medians of {args.repeats}")
+        sections = {
+            "data": lambda: data_section(root, args.repeats, Path(scratch)),
+            "eval": lambda: eval_section(root, args.repeats, Path(scratch)),
+            "train": lambda: train_section(root, args.train_steps, args.train_warmup, args.min_size, args.max_size,
+                                           torch.device(args.device), args.compile, Path(scratch)),
+        }
+        for name in ("data", "eval", "train"):
+            if name in args.sections:
+                for row in sections[name]():  # printed as measured: a long run shows its figures as it goes
+                    print_row(*row)
+                    rows.append(row)
     if args.json:
         fields = ("section", "measure", "seed_pipeline", "seed", "lean", "ratio")
         args.json.write_text(json.dumps({"machine": machine, "date": date, "rows": [dict(zip(fields, row)) for row in rows]}, indent=1))

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, phase by phase, each under its own time limit, so one slow phase
+# cannot take the others' figures with it. Logs go to LOGS (default runs/gpu), one file per phase.
+#
+#   bash bench/gpu_checks.sh [tests] [data] [train] [convergence] [suite]
+#
+#   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, compile default)
+#   data         the data benchmark, the Loader on CUDA and the host-to-device copy included
+#   train        the training benchmark at the tutorial's sizes (800/1333): seed, lean eager, lean compiled
+#   convergence  the README's convergence command in fp32 eager and with lean's CUDA defaults (bf16, compiled)
+#   suite        the whole test suite
+#
+# PENNFUDAN (default data/PennFudanPed) is the dataset folder; PYTHON (default python3) the interpreter.
+set -u
+root=${PENNFUDAN:-data/PennFudanPed}
+logs=${LOGS:-runs/gpu}
+python=${PYTHON:-python3}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1
+
+phase() {  # phase NAME SECONDS COMMAND...: run under a limit, log to LOGS/NAME.log, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$logs/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - start)) s (limit $limit s)"
+    tail -n "${TAIL:-15}" "$logs/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
+
+convergence=(--cache cache/synthetic.h5 --backbone resnet18_fpn --weights none --min-size 128 --max-size 224
+             --batch-size 4 --optimizer adamw --lr 1e-3 --epochs 24 --lr-step-epochs 17 --eval-every 8 --device cuda)
+for what in "$@"; do
+    case $what in
+    tests) phase tests 150 $python -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_model.py \
+               tests/test_train.py -k "cuda or compile or recompile" ;;
+    data) phase data 150 $python -m bench.throughput --root "$root" --sections data --repeats 3 --json "$logs/data.json" ;;
+    train) phase train "${TRAIN_LIMIT:-300}" $python -m bench.throughput --root "$root" --sections train \
+               --min-size 800 --max-size 1333 --train-steps 20 --train-warmup 10 --json "$logs/train.json" ;;
+    convergence)
+        [ -f cache/synthetic.h5 ] || $python -m lean.cache build --source synthetic --num-images 200 --seed 0 >"$logs/build.log" 2>&1
+        # Both on the GPU at once: the figures compared are the two runs' AP, not their times.
+        TAIL=8 phase convergence_fp32_eager "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
+            --amp off --no-compile --out "$logs/fp32_eager" &
+        TAIL=8 phase convergence_bf16_compiled "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
+            --out "$logs/bf16_compiled" &
+        wait ;;
+    suite) phase suite "${SUITE_LIMIT:-300}" $python -m pytest -q -p no:cacheprovider -x tests ;;
+    *) echo "unknown phase: $what (tests, data, train, convergence, suite)"; exit 2 ;;
+    esac
+done
