@@ -248,12 +248,11 @@ def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_buc
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compile_is_the_default_on_cuda_only():
-    assert parse_args(["--device", "cpu"]).compile is False
-    assert parse_args(["--device", "cpu", "--compile"]).compile is True
-    if torch.cuda.is_available():
-        assert parse_args(["--device", "cuda"]).compile is True
-        assert parse_args(["--device", "cuda", "--no-compile"]).compile is False
+def test_compile_is_opt_in_on_every_device():
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        assert parse_args(["--device", device]).compile is False
+        assert parse_args(["--device", device, "--compile"]).compile is True
 
 
 def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path, capsys, monkeypatch):
