@@ -2,11 +2,12 @@
 # The checks that need a CUDA device, phase by phase, each under its own time limit, so one slow phase
 # cannot take the others' figures with it. Logs go to LOGS (default runs/gpu), one file per phase.
 #
-#   bash bench/gpu_checks.sh [tests] [data] [train] [convergence] [suite]
+#   bash bench/gpu_checks.sh [tests] [data] [train] [profile] [convergence] [suite]
 #
 #   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, compile default)
 #   data         the data benchmark, the Loader on CUDA and the host-to-device copy included
 #   train        the training benchmark at the tutorial's sizes (800/1333): seed, lean eager, lean compiled
+#   profile      where lean's step spends its time at 800/1333, by operator, and how often the host waits
 #   convergence  the README's convergence command in fp32 eager and with lean's CUDA defaults (bf16, compiled)
 #   suite        the whole test suite
 #
@@ -39,6 +40,7 @@ for what in "$@"; do
     data) phase data 150 $python -m bench.throughput --root "$root" --sections data --repeats 3 --json "$logs/data.json" ;;
     train) phase train "${TRAIN_LIMIT:-300}" $python -m bench.throughput --root "$root" --sections train \
                --min-size 800 --max-size 1333 --train-steps 20 --train-warmup 10 --json "$logs/train.json" ;;
+    profile) TAIL=40 phase profile 150 $python -m bench.profile_step --root "$root" --rows 30 ;;
     convergence)
         [ -f cache/synthetic.h5 ] || $python -m lean.cache build --source synthetic --num-images 200 --seed 0 >"$logs/build.log" 2>&1
         # Both on the GPU at once: the figures compared are the two runs' AP, not their times.
@@ -48,6 +50,6 @@ for what in "$@"; do
             --out "$logs/bf16_compiled" &
         wait ;;
     suite) phase suite "${SUITE_LIMIT:-300}" $python -m pytest -q -p no:cacheprovider -x tests ;;
-    *) echo "unknown phase: $what (tests, data, train, convergence, suite)"; exit 2 ;;
+    *) echo "unknown phase: $what (tests, data, train, profile, convergence, suite)"; exit 2 ;;
     esac
 done

@@ -150,6 +150,31 @@ def time_steps(step, batches, count, sync):
     return waits, totals
 
 
+def lean_training(cache, device, min_size, max_size, compiled):
+    """(step, batches): lean.train's step on torchvision's resnet50_fpn from a fixed random init, with its speed
+    settings (amp where the hardware computes in bf16, channels-last), and the Loader's batches without end."""
+    from lean.model import build_model, tune_for_speed
+    from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
+
+    torch.manual_seed(0)
+    model = tune_for_speed(build_model(2, "resnet50_fpn", "none", min_size, max_size).to(device), channels_last=True, compile_backbone=compiled)
+    model.train()
+    optimizer = make_optimizer(model, 0.005)
+    loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
+    scheduler = make_scheduler(optimizer, len(loader))
+    precision = amp_dtype(None, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+
+    def step(batch):
+        train_step(model, *batch, optimizer, scheduler, scaler, precision)
+
+    def batches(epoch):
+        loader.set_epoch(epoch)
+        return loader
+
+    return step, epochs(batches)
+
+
 def train_section(root, steps, warmup, min_size, max_size, device, compile_backbone, scratch):
     """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
     step; yields each row as soon as it is measured.
@@ -161,8 +186,7 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     took over their median, warm-up and timed steps together (a new canvas shape compiles when first met).
     """
     from bench.seed_pipeline import seed_model
-    from lean.model import build_model, tune_for_speed
-    from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
+    from lean.train import amp_dtype, make_optimizer
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -188,22 +212,8 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     cache = Cache(build(PennFudanSource(root), scratch / "train.h5", progress=False))
     precision = amp_dtype(None, device)
     for compiled in (False, True) if compile_backbone else (False,):
-        torch.manual_seed(0)
-        model = tune_for_speed(build_model(2, "resnet50_fpn", "none", min_size, max_size).to(device), channels_last=True, compile_backbone=compiled)
-        model.train()
-        optimizer = make_optimizer(model, 0.005)
-        loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
-        scheduler = make_scheduler(optimizer, len(loader))
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-
-        def lean_step(batch):
-            train_step(model, *batch, optimizer, scheduler, scaler, precision)
-
-        def lean_batches(epoch):
-            loader.set_epoch(epoch)
-            return loader
-
-        waits, totals = time_steps(lean_step, epochs(lean_batches), warmup + steps, sync)
+        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, compiled)
+        waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median
         label = f"{device.type}, {min_size}/{max_size} px, amp {precision}, channels-last, {'compiled' if compiled else 'eager'}"
@@ -213,7 +223,7 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
         if compiled:
             compile_s = sum(max(0.0, total - median) for total in totals)
             yield ("train", "lean compile time, seconds: steps' time over their median (not in the rate)", "-", 0.0, compile_s, float("nan"))
-        del model, optimizer, scheduler, loader
+        del lean_step, lean_batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
