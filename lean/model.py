@@ -10,7 +10,8 @@
 
 Every model takes uint8 or float images: lean's transform folds the uint8 to
 [0, 1] conversion into its normalisation, so the loader can hand over the
-bytes it read.
+bytes it read. Every model pools its regions with lean.roi_align's
+SparseRoIAlign: torchvision's results, several times faster on the CPU.
 """
 
 import math
@@ -29,6 +30,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from lean.errors import LeanError
+from lean.roi_align import SparseRoIAlign
 
 BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
 MASK_HIDDEN = 256
@@ -106,6 +108,8 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
         model = _BUILDERS[backbone](num_classes, pretrained, min_size, max_size)
     transform = model.transform
     model.transform = Uint8Transform(min_size, max_size, transform.image_mean, transform.image_std)
+    heads = model.roi_heads
+    heads.box_roi_pool, heads.mask_roi_pool = SparseRoIAlign.like(heads.box_roi_pool), SparseRoIAlign.like(heads.mask_roi_pool)
     if weights not in ("coco", "none"):
         try:
             model.load_state_dict(load_weights(weights))
