@@ -150,16 +150,20 @@ def time_steps(step, batches, count, sync):
     return waits, totals
 
 
-def lean_training(cache, device, min_size, max_size, compiled):
-    """(step, batches): lean.train's step on torchvision's resnet50_fpn from a fixed random init, with its speed
-    settings (amp where the hardware computes in bf16, channels-last), and the Loader's batches without end."""
+def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=0.005):
+    """(step, batches): lean.train's step on torchvision's resnet50_fpn (from `weights`, a state dict, if given,
+    else a fixed random init) with its speed settings (amp where the hardware computes in bf16,
+    channels-last), and the Loader's batches without end."""
     from lean.model import build_model, tune_for_speed
     from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
 
     torch.manual_seed(0)
-    model = tune_for_speed(build_model(2, "resnet50_fpn", "none", min_size, max_size).to(device), channels_last=True, compile_backbone=compiled)
+    model = build_model(2, "resnet50_fpn", "none", min_size, max_size)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = tune_for_speed(model.to(device), channels_last=True, compile_backbone=compiled)
     model.train()
-    optimizer = make_optimizer(model, 0.005)
+    optimizer = make_optimizer(model, lr)
     loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
     scheduler = make_scheduler(optimizer, len(loader))
     precision = amp_dtype(None, device)
@@ -179,9 +183,12 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
     step; yields each row as soon as it is measured.
 
-    Both train torchvision's resnet50_fpn Mask R-CNN from the same random init with SGD, batch 2, for
+    Both train torchvision's resnet50_fpn Mask R-CNN from the same random weights with SGD, batch 2, for
     `warmup` untimed then `steps` timed steps; a step's time runs from asking for its batch to the device
-    finishing it. lean runs its speed settings (amp where the hardware computes in bf16, channels-last),
+    finishing it. The learning rate is 0, so every step does a real step's work (forward, backward, update)
+    on weights that stay where they started. Trained from random weights, a step's cost drifts as the
+    model's proposals and masks change (a seed run here went from 7-10 s to 3-5 s a step within a
+    dozen steps), and each side drifts its own way. lean runs its speed settings (amp where the hardware computes in bf16, channels-last),
     eager and, with `compile_backbone`, compiled; compile time is reported apart, as the time its steps
     took over their median, warm-up and timed steps together (a new canvas shape compiles when first met).
     """
@@ -192,7 +199,8 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
 
     torch.manual_seed(0)
     model = seed_model(min_size, max_size).to(device).train()
-    optimizer = make_optimizer(model, 0.005)
+    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    optimizer = make_optimizer(model, 0.0)
 
     def seed_step(batch):
         images, targets = batch
@@ -212,7 +220,7 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     cache = Cache(build(PennFudanSource(root), scratch / "train.h5", progress=False))
     precision = amp_dtype(None, device)
     for compiled in (False, True) if compile_backbone else (False,):
-        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, compiled)
+        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, compiled, weights, lr=0.0)
         waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median
