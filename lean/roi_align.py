@@ -1,4 +1,4 @@
-"""RoIAlign on the CPU as one sparse matrix product: 4-6x torchvision's CPU kernel, same numbers.
+"""RoIAlign on the CPU as one sparse matrix product: 4-7x torchvision's CPU kernel, same numbers.
 
 Each pooled value is a fixed weighted sum of at most 4 x sampling_ratio**2 feature pixels (bilinear
 weights at a grid of sample points), the same for every channel. So pooling every region from every
