@@ -113,18 +113,20 @@ def copy_rates(cache, repeats):
     pageable memory, as `.to(device)` copies a DataLoader's batch."""
     pixels = np.sort(cache.sizes[:, 0] * cache.sizes[:, 1])[-2:].sum()
     nbytes = int(pixels) * 4  # RGB and the instance map, one byte each
-    rates = {}
-    for pinned in (False, True):
-        host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-        if pinned:
-            host = host.pin_memory()
-
-        def work():
-            host.to("cuda", non_blocking=pinned)
-            torch.cuda.synchronize()
-
-        rates[pinned] = nbytes / median_seconds(work, max(repeats, 20)) / 1e9
+    pageable = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    rates = {pinned: nbytes / median_seconds(copy_to_cuda(pageable, pinned), max(repeats, 20)) / 1e9 for pinned in (False, True)}
     return ("data", f"host-to-device copy of the largest batch ({nbytes / 2**20:.1f} MiB), GB/s, pinned", "pageable memory", rates[False], rates[True], rates[True] / rates[False])
+
+
+def copy_to_cuda(host, pinned):
+    if pinned:
+        host = host.pin_memory()
+
+    def work():
+        host.to("cuda", non_blocking=pinned)
+        torch.cuda.synchronize()
+
+    return work
 
 
 def epochs(make_batches):
@@ -148,6 +150,29 @@ def time_steps(step, batches, count, sync):
         totals.append(time.perf_counter() - start)
     batches.close()  # a Loader's background thread stops here
     return waits, totals
+
+
+def seed_training(root, device, min_size, max_size):
+    """(step, batches, weights): the tutorial's step (torchvision's resnet50_fpn, eager fp32, SGD at lr 0) from
+    a fixed random init, its Dataset + DataLoader's batches without end, and the init's weights."""
+    from bench.seed_pipeline import seed_model
+    from lean.train import make_optimizer
+
+    torch.manual_seed(0)
+    model = seed_model(min_size, max_size).to(device).train()
+    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    optimizer = make_optimizer(model, 0.0)
+
+    def step(batch):
+        images, targets = batch
+        images = [image.to(device) for image in images]
+        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step, epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True)), weights
 
 
 def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=0.005):
@@ -188,34 +213,18 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     finishing it. The learning rate is 0, so every step does a real step's work (forward, backward, update)
     on weights that stay where they started. Trained from random weights, a step's cost drifts as the
     model's proposals and masks change (a seed run here went from 7-10 s to 3-5 s a step within a
-    dozen steps), and each side drifts its own way. lean runs its speed settings (amp where the hardware computes in bf16, channels-last),
-    eager and, with `compile_backbone`, compiled; compile time is reported apart, as the time its steps
+    dozen steps), and each side drifts its own way. lean runs its speed settings (amp where the hardware
+    computes in bf16, channels-last), eager and, with `compile_backbone`, compiled; compile time is reported apart, as the time its steps
     took over their median, warm-up and timed steps together (a new canvas shape compiles when first met).
     """
-    from bench.seed_pipeline import seed_model
-    from lean.train import amp_dtype, make_optimizer
+    from lean.train import amp_dtype
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    torch.manual_seed(0)
-    model = seed_model(min_size, max_size).to(device).train()
-    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    optimizer = make_optimizer(model, 0.0)
-
-    def seed_step(batch):
-        images, targets = batch
-        images = [image.to(device) for image in images]
-        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    seed_batches = epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True))
+    seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size)
     seed_waits, seed_totals = time_steps(seed_step, seed_batches, warmup + steps, sync)
     seed_rate = 2 / statistics.median(seed_totals[warmup:])
     seed_wait = 100 * sum(seed_waits[warmup:]) / sum(seed_totals[warmup:])
-    del model, optimizer
+    del seed_step, seed_batches
 
     cache = Cache(build(PennFudanSource(root), scratch / "train.h5", progress=False))
     precision = amp_dtype(None, device)
