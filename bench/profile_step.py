@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.throughput import lean_training
-from lean.cache import Cache, build
+from bench.throughput import lean_training, scratch_cache
 from lean.cli import Parser, run
-from lean.sources import PennFudanSource, default_root
+from lean.sources import default_root
 
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")  # cudaMemcpy: blocking
 
@@ -40,7 +39,7 @@ def main(argv=None):
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory(prefix="lean-profile-") as scratch:
-        cache = Cache(build(PennFudanSource(default_root(args.root)), Path(scratch) / "profile.h5", progress=False))
+        cache = scratch_cache(default_root(args.root), Path(scratch))
         step, batches = lean_training(cache, device, args.min_size, args.max_size, args.compile)
         for _ in range(args.warmup):
             step(next(batches))
