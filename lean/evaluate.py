@@ -154,8 +154,12 @@ def load_run(checkpoint, device):
     if not isinstance(state, dict) or "model" not in state or "args" not in state:
         raise LeanError(f"{checkpoint}: not a lean checkpoint (no model and args inside)")
     args = state["args"]
-    model = build_model(2, args["backbone"], "none", args["min_size"], args["max_size"])
-    model.load_state_dict(state["model"])
+    # In the layout it trained in: live BatchNorm from scratch, frozen from pretrained weights (whose
+    # epsilon, for the COCO weights, differs from a live BatchNorm's).
+    from_scratch = args["weights"] == "none"
+    model = build_model(2, args["backbone"], "none" if from_scratch else state["model"], args["min_size"], args["max_size"])
+    if from_scratch:
+        model.load_state_dict(state["model"])
     return model.to(device), args
 
 

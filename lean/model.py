@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -98,24 +99,30 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     """A Mask R-CNN for `num_classes` (background included).
 
     weights: "coco" (COCO Mask R-CNN weights for resnet50_fpn, ImageNet
-    backbone weights for the mobilenets), "none" (random init), or the path
-    of a state dict or a lean checkpoint.
+    backbone weights for the others), "none" (random init), or a state dict:
+    in memory, or the path of one or of a lean checkpoint.
+
+    Any weights but "none" get torchvision's layout for a pretrained model,
+    whether downloaded or from a file: BatchNorm frozen to the statistics the
+    weights came with and the first stages fixed. From scratch, every layer
+    trains and BatchNorm is live.
     """
     if backbone not in BACKBONES:
         raise LeanError(f"--backbone {backbone}: unknown; choose one of {', '.join(BACKBONES)}")
-    pretrained = weights == "coco"
+    pretrained, download = weights != "none", weights == "coco"  # (a dict is equal to neither)
     with _download_errors("COCO" if backbone == "resnet50_fpn" else "ImageNet"):
-        model = _BUILDERS[backbone](num_classes, pretrained, min_size, max_size)
+        model = _BUILDERS[backbone](num_classes, pretrained, download, min_size, max_size)
     transform = model.transform
     model.transform = Uint8Transform(min_size, max_size, transform.image_mean, transform.image_std)
     heads = model.roi_heads
     heads.box_roi_pool, heads.mask_roi_pool = SparseRoIAlign.like(heads.box_roi_pool), SparseRoIAlign.like(heads.mask_roi_pool)
-    if weights not in ("coco", "none"):
+    if pretrained and not download:
+        in_memory = isinstance(weights, dict)
         try:
-            model.load_state_dict(load_weights(weights))
+            model.load_state_dict(weights if in_memory else load_weights(weights))
         except RuntimeError as error:
             raise LeanError(
-                f"{weights}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
+                f"{'the state dict given' if in_memory else weights}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
             ) from None
     return model
 
@@ -139,13 +146,16 @@ def tune_for_speed(model, channels_last=True, compile_backbone=True):
     return model
 
 
-def _resnet50_fpn(num_classes, pretrained, min_size, max_size):
-    model = maskrcnn_resnet50_fpn(
-        weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1 if pretrained else None,
-        weights_backbone=None,
-        min_size=min_size,
-        max_size=max_size,
-    )
+def _resnet50_fpn(num_classes, pretrained, download, min_size, max_size):
+    # maskrcnn_resnet50_fpn's model, built here so that weights from a file get the layout it gives
+    # downloaded ones; it only gives that layout to weights it downloads.
+    norm = torchvision.ops.misc.FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=norm, trainable_layers=3 if pretrained else 5)
+    model = MaskRCNN(backbone, num_classes=91, min_size=min_size, max_size=max_size)
+    if download:
+        model.load_state_dict(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True, check_hash=True))
+    if pretrained:  # the COCO weights were trained with no epsilon in their frozen BatchNorm; torchvision sets it so
+        overwrite_eps(model, 0.0)
     box_features = model.roi_heads.box_predictor.cls_score.in_features
     model.roi_heads.box_predictor = FastRCNNPredictor(box_features, num_classes)
     mask_features = model.roi_heads.mask_predictor.conv5_mask.in_channels
@@ -153,8 +163,9 @@ def _resnet50_fpn(num_classes, pretrained, min_size, max_size):
     return model
 
 
-def _mobilenet_v2(num_classes, pretrained, min_size, max_size):
-    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
+def _mobilenet_v2(num_classes, pretrained, download, min_size, max_size):
+    # The tutorial's recipe keeps MobileNetV2's live BatchNorm, pretrained or not.
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1 if download else None
     backbone = torchvision.models.mobilenet_v2(weights=weights).features
     backbone.out_channels = 1280
     return MaskRCNN(
@@ -168,8 +179,8 @@ def _mobilenet_v2(num_classes, pretrained, min_size, max_size):
     )
 
 
-def _mobilenet_v3_fpn(num_classes, pretrained, min_size, max_size):
-    weights = torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1 if pretrained else None
+def _mobilenet_v3_fpn(num_classes, pretrained, download, min_size, max_size):
+    weights = torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1 if download else None
     backbone = mobilenet_backbone(
         backbone_name="mobilenet_v3_large",
         weights=weights,
@@ -182,12 +193,12 @@ def _mobilenet_v3_fpn(num_classes, pretrained, min_size, max_size):
     return _small_mask_rcnn(backbone, anchors, SMALL_HIDDEN, num_classes, min_size, max_size)
 
 
-def _resnet18_fpn(num_classes, pretrained, min_size, max_size):
+def _resnet18_fpn(num_classes, pretrained, download, min_size, max_size):
     # From scratch, GroupNorm rather than BatchNorm, in the trunk, the FPN and the mask head: the statistics
     # of a batch of 2-4 images are noisy, and the running ones that evaluation would use lag far behind a
     # network that is still changing fast. (The FPN's and mask head's GroupNorm bought 0.03 segm AP.)
     norm = torchvision.ops.misc.FrozenBatchNorm2d if pretrained else _group_norm
-    trunk = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None, norm_layer=norm)
+    trunk = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if download else None, norm_layer=norm)
     if pretrained:  # torchvision's default for a pretrained detection backbone: the first stages stay as trained
         for module in (trunk.conv1, trunk.layer1):
             module.requires_grad_(False)

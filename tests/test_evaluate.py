@@ -11,10 +11,11 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bench.seed_pipeline import seed_targets
 from lean.cache import Cache, build
-from lean.evaluate import STAT_NAMES, coco_eval, main as evaluate_main
+from lean.evaluate import STAT_NAMES, coco_eval, load_run, main as evaluate_main
 from lean.predict import main as predict_main
 from lean.sources import PennFudanSource
 from lean.train import main as train_main
@@ -158,6 +159,18 @@ def test_evaluate_command_writes_json(trained_run, tmp_path, capsys):
     report = json.loads((tmp_path / "s.json").read_text())
     assert status == 0 and set(report) == {"bbox", "segm"} and len(report["segm"]["stats"]) == 12
     assert "IoU metric: segm" in stdout
+
+
+def test_a_run_is_evaluated_in_the_layout_it_trained_in(trained_run, tmp_path):
+    _, run_dir = trained_run
+    from_scratch, _ = load_run(run_dir / "last.pt", "cpu")
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in from_scratch.modules())
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    state["args"]["weights"] = str(run_dir / "last.pt")  # as if fine-tuned from weights in a file
+    torch.save(state, tmp_path / "tuned.pt")
+    tuned, _ = load_run(tmp_path / "tuned.pt", "cpu")
+    assert any(isinstance(module, FrozenBatchNorm2d) for module in tuned.modules())
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in tuned.modules())
 
 
 def test_evaluate_refuses_a_foreign_file_in_one_line(tmp_path, capsys):

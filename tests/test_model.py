@@ -1,9 +1,29 @@
-"""The canvases a compiled model pads its batches to: few shapes, each holding its batch, coordinates untouched."""
+"""The models' layouts, from scratch and from weights; the canvases a compiled model pads its batches to: few
+shapes, each holding its batch, coordinates untouched."""
 
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 from hypothesis import given, settings, strategies as st
 
 from lean.model import CANVAS_LEVELS, COMPILED_CANVAS_STEP, build_model, canvas_ladder, canvas_side, pad_to_canvas, tune_for_speed
+
+def test_weights_from_a_file_get_the_layout_of_downloaded_ones(tmp_path):
+    torch.manual_seed(0)
+    scratch = build_model(2, "resnet50_fpn", "none", 320, 512)
+    assert not any(isinstance(module, FrozenBatchNorm2d) for module in scratch.modules())
+    assert all(parameter.requires_grad for parameter in scratch.parameters())
+    torch.save(scratch.state_dict(), tmp_path / "weights.pt")
+
+    model = build_model(2, "resnet50_fpn", str(tmp_path / "weights.pt"), 320, 512)
+    trunk = model.backbone.body
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    assert sum(isinstance(module, FrozenBatchNorm2d) for module in trunk.modules()) == 53  # ResNet-50's every norm
+    assert trunk.bn1.eps == 0.0  # as torchvision gives the COCO weights
+    assert not any(parameter.requires_grad for parameter in [*trunk.conv1.parameters(), *trunk.layer1.parameters()])
+    assert all(parameter.requires_grad for parameter in [*trunk.layer2.parameters(), *model.roi_heads.parameters()])
+    saved = scratch.state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+
 
 sizes = st.tuples(st.integers(32, 900), st.integers(1, 1400)).map(lambda pair: (pair[0], pair[0] + pair[1]))  # min < max
 
