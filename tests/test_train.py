@@ -15,7 +15,7 @@ from lean.cache import Cache, build
 from lean.loader import Loader
 from lean.model import build_model, canvas_ladder, load_weights
 from lean.synthetic import SyntheticSource
-from lean.train import Monitor, lr_factor, main as train_main, make_optimizer, make_scheduler, parse_args, train_step
+from lean.train import Monitor, channels_last_is_fast, lr_factor, main as train_main, make_optimizer, make_scheduler, parse_args, train_step
 from tests.conftest import cli
 
 # On the CPU wherever a GPU is at hand too: resume equality is a CPU promise (CUDA's kernels are not all deterministic).
@@ -253,6 +253,18 @@ def test_compile_is_opt_in_on_every_device():
     for device in devices:
         assert parse_args(["--device", device]).compile is False
         assert parse_args(["--device", device, "--compile"]).compile is True
+
+
+def test_channels_last_is_on_by_default_where_bf16_is(tiny_cache, tmp_path, capsys, monkeypatch):
+    assert channels_last_is_fast(torch.device("cuda"))
+    for fast in (False, True):
+        monkeypatch.setattr("lean.train.bf16_is_fast", lambda device, fast=fast: fast)
+        assert channels_last_is_fast(torch.device("cpu")) is fast
+        argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-eval", "--max-iters", "1", "--amp", "off"]
+        status, stdout, _ = run_train([*argv, "--out", str(tmp_path / str(fast))], capsys)
+        assert status == 0 and f"channels-last {fast}," in stdout
+    status, stdout, _ = run_train([*argv, "--no-channels-last", "--out", str(tmp_path / "off")], capsys)
+    assert status == 0 and "channels-last False," in stdout
 
 
 def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path, capsys, monkeypatch):
