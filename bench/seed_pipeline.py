@@ -76,10 +76,22 @@ def seed_loader(root, batch_size=2, workers=0, shuffle=False, train=False):
 
 
 def seed_model(min_size, max_size):
-    """The tutorial's model as it trains it: torchvision's Mask R-CNN, eager fp32 (random init here: no downloads)."""
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    """The tutorial's model as it trains it, eager fp32, but randomly initialised (no downloads here).
 
-    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=min_size, max_size=max_size)
+    The tutorial asks torchvision for the COCO weights, and torchvision builds a model for them with
+    BatchNorm frozen (epsilon 0) and the stem and first stage fixed; it replaces both predictors for two
+    classes. The same model is built here from the same parts, so its step does the fine-tuning's work:
+    a model built without weights (live BatchNorm, every layer trained) would do more.
+    """
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection._utils import overwrite_eps
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    model = MaskRCNN(backbone, num_classes=2, min_size=min_size, max_size=max_size)
+    overwrite_eps(model, 0.0)
+    return model
 
 
 def seed_evaluate(root, indices, predictions):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.seed_pipeline import seed_loader
+from bench.seed_pipeline import seed_loader, seed_model
 from lean.cache import Cache, build
 from lean.cli import Parser, run
 from lean.loader import Loader
@@ -163,7 +163,6 @@ def time_steps(step, batches, count, sync):
 def seed_training(root, device, min_size, max_size):
     """(step, batches, weights): the tutorial's step (torchvision's resnet50_fpn, eager fp32, SGD at lr 0) from
     a fixed random init, its Dataset + DataLoader's batches without end, and the init's weights."""
-    from bench.seed_pipeline import seed_model
     from lean.train import make_optimizer
 
     torch.manual_seed(0)
@@ -184,17 +183,17 @@ def seed_training(root, device, min_size, max_size):
 
 
 def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=0.005):
-    """(step, batches): lean.train's step on torchvision's resnet50_fpn (from `weights`, a state dict, if given,
-    else a fixed random init) with its speed settings (amp where the hardware computes in bf16,
-    channels-last), and the Loader's batches without end."""
+    """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn from `weights` (a state dict; if
+    not given, the seed model's fixed random init) with its default speed settings (amp and channels-last where
+    the hardware computes in bf16), and the Loader's batches without end."""
     from lean.model import build_model, tune_for_speed
-    from lean.train import amp_dtype, make_optimizer, make_scheduler, train_step
+    from lean.train import amp_dtype, channels_last_is_fast, make_optimizer, make_scheduler, train_step
 
-    torch.manual_seed(0)
-    model = build_model(2, "resnet50_fpn", "none", min_size, max_size)
-    if weights is not None:
-        model.load_state_dict(weights)
-    model = tune_for_speed(model.to(device), channels_last=True, compile_backbone=compiled)
+    if weights is None:
+        torch.manual_seed(0)
+        weights = seed_model(min_size, max_size).state_dict()
+    model = build_model(2, "resnet50_fpn", weights, min_size, max_size)  # weights in hand: the fine-tuning layout
+    model = tune_for_speed(model.to(device), channels_last_is_fast(device), compile_backbone=compiled)
     model.train()
     optimizer = make_optimizer(model, lr)
     loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
@@ -216,17 +215,18 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
     step; yields each row as soon as it is measured.
 
-    Both train torchvision's resnet50_fpn Mask R-CNN from the same random weights with SGD, batch 2, for
-    `warmup` untimed then `steps` timed steps; a step's time runs from asking for its batch to the device
-    finishing it. The learning rate is 0, so every step does a real step's work (forward, backward, update)
-    on weights that stay where they started. Trained from random weights, a step's cost drifts as the
-    model's proposals and masks change (a seed run here went from 7-10 s to 3-5 s a step within a
-    dozen steps), and each side drifts its own way. lean runs its speed settings (amp where the hardware
-    computes in bf16, channels-last), eager and, with `compile_backbone`, compiled; compile time is
-    reported apart, as the time its steps took over their median, warm-up and timed steps together (a
-    new canvas shape compiles when first met).
+    Both fine-tune torchvision's resnet50_fpn Mask R-CNN as the tutorial does, in the layout its COCO weights
+    give the model (BatchNorm frozen, stem and first stage fixed), from the same random weights (no
+    downloads here), with SGD, batch 2, for `warmup` untimed then `steps` timed steps; a step's time runs
+    from asking for its batch to the device finishing it. The learning rate is 0, so every step does a
+    real step's work (forward, backward, update) on weights that stay where they started. Trained from
+    random weights, a step's cost drifts as the model's proposals and masks change (a seed run here went
+    from 7-10 s to 3-5 s a step within a dozen steps), and each side drifts its own way. lean runs its
+    default speed settings (amp and channels-last where the hardware computes in bf16), eager and, with
+    `compile_backbone`, compiled; compile time is reported apart, as the time its steps took over their
+    median, warm-up and timed steps together (a new canvas shape compiles when first met).
     """
-    from lean.train import amp_dtype
+    from lean.train import amp_dtype, channels_last_is_fast
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size)
@@ -237,12 +237,13 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
 
     cache = scratch_cache(root, scratch)
     precision = amp_dtype(None, device)
+    layout = "channels-last" if channels_last_is_fast(device) else "contiguous"
     for compiled in (False, True) if compile_backbone else (False,):
         lean_step, lean_batches = lean_training(cache, device, min_size, max_size, compiled, weights, lr=0.0)
         waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median
-        label = f"{device.type}, {min_size}/{max_size} px, amp {precision}, channels-last, {'compiled' if compiled else 'eager'}"
+        label = f"{device.type}, {min_size}/{max_size} px, amp {precision}, {layout}, {'compiled' if compiled else 'eager'}"
         yield ("train", f"images/s, median of {steps} steps ({label})", "seed Dataset + eager fp32 Mask R-CNN", seed_rate, rate, rate / seed_rate)
         wait = 100 * sum(waits[warmup:]) / sum(totals[warmup:])
         yield ("train", f"waiting for data, % of step time ({'compiled' if compiled else 'eager'})", "seed DataLoader, 2 workers", seed_wait, wait, float("nan"))
