@@ -161,11 +161,12 @@ class Monitor:
         width = len(str(len(self.loader)))
         print(f"Epoch: [{epoch}]  [{batch_index + 1:>{width}}/{len(self.loader)}]  eta: {timedelta(seconds=round(eta))}  "
               f"lr: {lr:.6f}  {losses_text}  images/s: {images_per_second:.2f}  data: {wait:.3f}s  "
-              f"graphs: {graphs_compiled()}  max mem: {memory:.0f}MB", flush=True)
+              f"graphs: {graphs_compiled()} ({compile_seconds():.0f} s compiling)  max mem: {memory:.0f}MB", flush=True)
         for done, row in zip(iterations, rows):
             self.record({"epoch": epoch, "iteration": done, **dict(zip(["loss", *names], row))})
         self.record({"epoch": epoch, "iteration": iteration, "lr": lr, "images_per_second": images_per_second,
-                     "data_wait_s": wait, "window_s": elapsed, "graphs_compiled": graphs_compiled()})
+                     "data_wait_s": wait, "window_s": elapsed, "graphs_compiled": graphs_compiled(),
+                     "compile_s": compile_seconds()})
 
     def record(self, entry):
         if self.metrics:
@@ -266,6 +267,14 @@ def graphs_compiled():
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+def compile_seconds():
+    """Seconds spent compiling so far: dynamo's graphs with their forward code, and backward code, which is
+    compiled when a graph's first backward runs."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(sum(compilation_time_metrics.get(phase, ())) for phase in ("_compile.compile_inner", "backward._backward_impl"))
 
 
 def main(argv=None):

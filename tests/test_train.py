@@ -289,9 +289,13 @@ def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path,
     monkeypatch.setattr("lean.train.predict_split", counted)
     torch._dynamo.reset()
     argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "4", "--amp", "off", "--compile", "--epochs", "1", "--out", str(tmp_path)]
-    assert run_train(argv, capsys)[0] == 0
+    status, stdout, _ = run_train(argv, capsys)
+    assert status == 0
     assert counters["stats"]["unique_graphs"] >= 1  # training did compile
     assert graphs_during_evaluation == [0]
+    windows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "compile_s" in line]
+    assert windows and windows[0]["compile_s"] > 0 and windows[0]["graphs_compiled"] >= 1
+    assert " s compiling)" in stdout
 
 
 # --- DDP -----------------------------------------------------------------------------------------
