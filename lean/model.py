@@ -15,6 +15,7 @@ SparseRoIAlign: torchvision's results, several times faster on the CPU.
 """
 
 import math
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     Any weights but "none" get torchvision's layout for a pretrained model,
     whether downloaded or from a file: BatchNorm frozen to the statistics the
     weights came with and the first stages fixed. From scratch, every layer
-    trains and BatchNorm is live.
+    trains and BatchNorm is live. Predictors for another number of classes
+    (the COCO weights' 91) are replaced by fresh ones, as the tutorial does.
     """
     if backbone not in BACKBONES:
         raise LeanError(f"--backbone {backbone}: unknown; choose one of {', '.join(BACKBONES)}")
@@ -118,13 +120,33 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     heads.box_roi_pool, heads.mask_roi_pool = SparseRoIAlign.like(heads.box_roi_pool), SparseRoIAlign.like(heads.mask_roi_pool)
     if pretrained and not download:
         in_memory = isinstance(weights, dict)
+        name = "the state dict given" if in_memory else weights
         try:
-            model.load_state_dict(weights if in_memory else load_weights(weights))
+            model.load_state_dict(_with_own_predictors(model, weights if in_memory else load_weights(weights), name))
         except RuntimeError as error:
             raise LeanError(
-                f"{'the state dict given' if in_memory else weights}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
+                f"{name}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
             ) from None
     return model
+
+
+PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
+
+
+def _with_own_predictors(model, state, name):
+    """`state`, its predictors swapped for the model's own where they are for another number of classes.
+
+    What the tutorial does to the COCO weights: 91 classes' predictors make way for freshly initialised
+    ones. So a file of those weights (or of any other model of the same architecture) fine-tunes as
+    `--weights coco` does; weights for this many classes, a lean checkpoint say, load whole.
+    """
+    own = model.state_dict()
+    if not any(key.startswith(PREDICTORS) and key in own and value.shape != own[key].shape for key, value in state.items()):
+        return state
+    print(f"{name}: its predictors are for another number of classes; training fresh ones, as the tutorial does", file=sys.stderr)
+    return {key: value for key, value in state.items() if not key.startswith(PREDICTORS)} | {
+        key: value for key, value in own.items() if key.startswith(PREDICTORS)
+    }
 
 
 def tune_for_speed(model, channels_last=True, compile_backbone=True):

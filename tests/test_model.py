@@ -1,11 +1,14 @@
 """The models' layouts, from scratch and from weights; the canvases a compiled model pads its batches to: few
 shapes, each holding its batch, coordinates untouched."""
 
+import pytest
 import torch
-from torchvision.ops.misc import FrozenBatchNorm2d
 from hypothesis import given, settings, strategies as st
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from lean.model import CANVAS_LEVELS, COMPILED_CANVAS_STEP, build_model, canvas_ladder, canvas_side, pad_to_canvas, tune_for_speed
+from lean.errors import LeanError
+from lean.model import CANVAS_LEVELS, COMPILED_CANVAS_STEP, PREDICTORS, build_model, canvas_ladder, canvas_side, pad_to_canvas, tune_for_speed
+
 
 def test_weights_from_a_file_get_the_layout_of_downloaded_ones(tmp_path):
     torch.manual_seed(0)
@@ -23,6 +26,23 @@ def test_weights_from_a_file_get_the_layout_of_downloaded_ones(tmp_path):
     assert all(parameter.requires_grad for parameter in [*trunk.layer2.parameters(), *model.roi_heads.parameters()])
     saved = scratch.state_dict()
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+
+
+def test_weights_for_another_number_of_classes_keep_all_but_their_predictors(capsys):
+    torch.manual_seed(0)
+    coco_like = build_model(91, "resnet50_fpn", "none", 320, 512).state_dict()  # the COCO weights' shapes
+    model = build_model(2, "resnet50_fpn", coco_like, 320, 512)
+    state = model.state_dict()
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2
+    assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 2
+    assert not torch.equal(state["roi_heads.mask_predictor.conv5_mask.weight"], coco_like["roi_heads.mask_predictor.conv5_mask.weight"])
+    assert all(torch.equal(value, coco_like[key]) for key, value in state.items() if not key.startswith(PREDICTORS))
+    assert "predictors are for another number of classes" in capsys.readouterr().err
+
+    assert all(torch.equal(value, state[key]) for key, value in build_model(2, "resnet50_fpn", state, 320, 512).state_dict().items())
+    del coco_like["backbone.fpn.inner_blocks.0.0.weight"]
+    with pytest.raises(LeanError, match="does not fit"):
+        build_model(2, "resnet50_fpn", coco_like, 320, 512)
 
 
 sizes = st.tuples(st.integers(32, 900), st.integers(1, 1400)).map(lambda pair: (pair[0], pair[0] + pair[1]))  # min < max
