@@ -244,7 +244,7 @@ def bf16_is_fast(device):
 def channels_last_is_fast(device):
     """Channels-last pays off on GPUs and on CPUs that compute in bf16 (oneDNN's native layout there). On a
     CPU computing in fp32 it does not: on an AVX2 EPYC, the backward of the 3 x 3 convolutions at the FPN's
-    finest level took 1.9x as long channels-last, and lean's 320/512 step lost 0.7 s of 4.7 to it."""
+    finest level took 1.9x as long channels-last, and a 320/512 step's convolution backward 2.76 s against 2.03 s."""
     return device.type == "cuda" or bf16_is_fast(device)
 
 
