@@ -8,7 +8,7 @@
 #   data         the data benchmark, the Loader on CUDA and the host-to-device copy included
 #   train        the training benchmark at the tutorial's sizes (800/1333): seed, lean eager, lean compiled
 #   profile      where lean's step spends its time at 800/1333, by operator, and how often the host waits
-#   convergence  the README's convergence command in fp32 eager and with lean's CUDA defaults (bf16, compiled)
+#   convergence  the README's convergence command in fp32 eager and in bf16 compiled (lean's CUDA default amp, --compile)
 #   suite        the whole test suite
 #
 # PENNFUDAN (default data/PennFudanPed) is the dataset folder; PYTHON (default python3) the interpreter.
@@ -47,7 +47,7 @@ for what in "$@"; do
         TAIL=8 phase convergence_fp32_eager "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
             --amp off --no-compile --out "$logs/fp32_eager" &
         TAIL=8 phase convergence_bf16_compiled "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
-            --out "$logs/bf16_compiled" &
+            --compile --out "$logs/bf16_compiled" &
         wait ;;
     suite) phase suite "${SUITE_LIMIT:-300}" $python -m pytest -q -p no:cacheprovider -x tests ;;
     *) echo "unknown phase: $what (tests, data, train, profile, convergence, suite)"; exit 2 ;;
