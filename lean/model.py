@@ -103,26 +103,31 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     backbone weights for the others), "none" (random init), or a state dict:
     in memory, or the path of one or of a lean checkpoint.
 
-    Any weights but "none" get torchvision's layout for a pretrained model,
-    whether downloaded or from a file: BatchNorm frozen to the statistics the
-    weights came with and the first stages fixed. From scratch, every layer
-    trains and BatchNorm is live. Predictors for another number of classes
-    (the COCO weights' 91) are replaced by fresh ones, as the tutorial does.
+    Pretrained weights get torchvision's layout for a pretrained model, whether
+    downloaded, in memory or from a file: BatchNorm frozen to the statistics the
+    weights came with and the first stages fixed. From scratch, and from the
+    checkpoint of a run from scratch, every layer trains and norms are live.
+    Predictors for another number of classes (the COCO weights' 91) are
+    replaced by fresh ones, as the tutorial does.
     """
     if backbone not in BACKBONES:
         raise LeanError(f"--backbone {backbone}: unknown; choose one of {', '.join(BACKBONES)}")
     pretrained, download = weights != "none", weights == "coco"  # (a dict is equal to neither)
+    state = None
+    if pretrained and not download:
+        if isinstance(weights, dict):
+            state, name = weights, "the state dict given"
+        else:
+            (state, pretrained), name = read_weights(weights), weights
     with _download_errors("COCO" if backbone == "resnet50_fpn" else "ImageNet"):
         model = _BUILDERS[backbone](num_classes, pretrained, download, min_size, max_size)
     transform = model.transform
     model.transform = Uint8Transform(min_size, max_size, transform.image_mean, transform.image_std)
     heads = model.roi_heads
     heads.box_roi_pool, heads.mask_roi_pool = SparseRoIAlign.like(heads.box_roi_pool), SparseRoIAlign.like(heads.mask_roi_pool)
-    if pretrained and not download:
-        in_memory = isinstance(weights, dict)
-        name = "the state dict given" if in_memory else weights
+    if state is not None:
         try:
-            model.load_state_dict(_with_own_predictors(model, weights if in_memory else load_weights(weights), name))
+            model.load_state_dict(_with_own_predictors(model, state, name))
         except RuntimeError as error:
             raise LeanError(
                 f"{name}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
@@ -305,8 +310,9 @@ def _is_download_error(error):
     )
 
 
-def load_weights(path):
-    """A model state dict from a file: a plain state dict, or a lean checkpoint's "model" entry."""
+def read_weights(path):
+    """(state dict, pretrained) from a file. A plain state dict is pretrained weights; a lean checkpoint's
+    "model" entry is too, unless its run trained from scratch: then its model is built as that run's was."""
     path = Path(path)
     if not path.is_file():
         raise LeanError(f"--weights {path}: no such file (or use coco or none)")
@@ -314,8 +320,11 @@ def load_weights(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
         raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
+    pretrained = True
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        run_args = state.get("args")
+        pretrained = not (isinstance(run_args, dict) and run_args.get("weights") == "none")
         state = state["model"]
     if not isinstance(state, dict):
         raise LeanError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+    return state, pretrained

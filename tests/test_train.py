@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from lean.cache import Cache, build
 from lean.loader import Loader
-from lean.model import build_model, canvas_ladder, load_weights
+from lean.model import build_model, canvas_ladder, read_weights
 from lean.synthetic import SyntheticSource
 from lean.train import Monitor, channels_last_is_fast, lr_factor, main as train_main, make_optimizer, make_scheduler, parse_args, train_step
 from tests.conftest import cli
@@ -217,8 +217,10 @@ def test_a_lean_checkpoint_loads_as_weights(tiny_cache, tmp_path, capsys):
     common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--max-iters", "1"]
     assert run_train([*common, "--out", str(tmp_path)], capsys)[0] == 0
     model = build_model(2, "mobilenet_v3_fpn", str(tmp_path / "last.pt"), 96, 160)
-    saved = load_weights(tmp_path / "last.pt")
+    saved, pretrained = read_weights(tmp_path / "last.pt")
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    # The run trained from scratch: its model comes back as it trained, BatchNorm live.
+    assert not pretrained and any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
 
 
 # --- compile -------------------------------------------------------------------------------------
