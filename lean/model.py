@@ -11,7 +11,9 @@
 Every model takes uint8 or float images: lean's transform folds the uint8 to
 [0, 1] conversion into its normalisation, so the loader can hand over the
 bytes it read. Every model pools its regions with lean.roi_align's
-SparseRoIAlign: torchvision's results, several times faster on the CPU.
+SparseRoIAlign: torchvision's results, several times faster on the CPU. And
+every frozen BatchNorm is folded into the convolution before it
+(lean.frozen_norm): the same function, one pass over the activations.
 """
 
 import math
@@ -32,6 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from lean.errors import LeanError
+from lean.frozen_norm import fold_frozen_norms
 from lean.roi_align import SparseRoIAlign
 
 BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
@@ -132,6 +135,7 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
             raise LeanError(
                 f"{name}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
             ) from None
+    fold_frozen_norms(model)
     return model
 
 

@@ -1,0 +1,76 @@
+"""Frozen BatchNorm folded into the convolution before it: the same function in one pass, not three.
+
+A pretrained detection backbone's BatchNorm is frozen: a fixed per-channel scale and shift. torchvision
+applies it as its own step, a multiply and an add over every activation (and, under autocast, in
+float32, so bf16 activations go out and back at twice their size). Folded, the convolution takes the
+scale into its weight and the shift as its bias, computed afresh from the norm's buffers each call (a
+pass over the weights, which are far smaller than the activations), so gradients, checkpoints and
+loading are as before: the state dict's keys and values are unchanged. On the development CPU it
+took 0.11-0.17 s off a 4.7-5.0 s resnet50_fpn training step at 320/512 (two rounds, back to back
+with it off); on a GPU it is not measured yet.
+"""
+
+import torch
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+class AppliedByConv(FrozenBatchNorm2d):
+    """A frozen BatchNorm whose convolution applies it: it passes its input through, and keeps its buffers
+    where the state dict has them."""
+
+    def forward(self, x):
+        return x
+
+
+class ConvWithFrozenNorm(nn.Conv2d):
+    """A convolution followed by a frozen BatchNorm, computed as one convolution."""
+
+    @classmethod
+    def fold(cls, conv, norm):
+        """A module computing norm(conv(x)), holding conv's own parameters (the same tensors)."""
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        folded.weight, folded.bias = conv.weight, conv.bias
+        folded.norm = (norm,)  # in a tuple, not a submodule: its buffers stay under the norm's own name
+        return folded.train(conv.training)
+
+    def forward(self, x):
+        norm = self.norm[0]
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), shift)
+
+
+def fold_frozen_norms(model):
+    """Fold each frozen BatchNorm that takes a convolution's output straight into that convolution, in place.
+
+    Returns the number folded. Looks only where the data flow is known: sequential containers (a
+    convolution and the norm registered after it) and ResNet blocks (conv{k} into bn{k}).
+    """
+    folded = 0
+    for parent in list(model.modules()):
+        for conv_name, norm_name in _conv_then_norm(parent):
+            conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d:
+                applied = AppliedByConv(norm.weight.numel(), norm.eps).train(norm.training)
+                for name, buffer in norm.named_buffers():
+                    setattr(applied, name, buffer)  # the same tensors
+                setattr(parent, norm_name, applied)
+                setattr(parent, conv_name, ConvWithFrozenNorm.fold(conv, applied))
+                folded += 1
+    return folded
+
+
+def _conv_then_norm(parent):
+    """Names (conv, norm) of children of `parent` where the norm is applied to the conv's output."""
+    if isinstance(parent, (Bottleneck, BasicBlock)):
+        return [(f"conv{k}", f"bn{k}") for k in (1, 2, 3) if hasattr(parent, f"bn{k}")]
+    if isinstance(parent, (nn.Sequential, IntermediateLayerGetter)):  # each child takes the one before's output
+        names = list(parent._modules)
+        return list(zip(names, names[1:]))
+    return []
