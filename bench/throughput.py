@@ -226,8 +226,13 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     `compile_backbone`, compiled; compile time is reported apart, as the time its steps took over their
     median, warm-up and timed steps together (a new canvas shape compiles when first met).
     """
+    from lean.loader import keep_freed_memory
     from lean.train import amp_dtype, channels_last_is_fast
 
+    # lean's allocator policy is process-wide and cannot be taken back: once any Loader has run (the data
+    # section's, in a full run), the seed would train under it too. Set before either side trains, so the
+    # ratio leaves it out, whatever sections ran first (measured alone, it is worth 3-8 % of lean's step).
+    keep_freed_memory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size)
     seed_waits, seed_totals = time_steps(seed_step, seed_batches, warmup + steps, sync)
