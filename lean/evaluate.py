@@ -154,12 +154,7 @@ def load_run(checkpoint, device):
     if not isinstance(state, dict) or "model" not in state or "args" not in state:
         raise LeanError(f"{checkpoint}: not a lean checkpoint (no model and args inside)")
     args = state["args"]
-    # In the layout it trained in: live BatchNorm from scratch, frozen from pretrained weights (whose
-    # epsilon, for the COCO weights, differs from a live BatchNorm's).
-    from_scratch = args["weights"] == "none"
-    model = build_model(2, args["backbone"], "none" if from_scratch else state["model"], args["min_size"], args["max_size"])
-    if from_scratch:
-        model.load_state_dict(state["model"])
+    model = build_model(2, args["backbone"], state, args["min_size"], args["max_size"])  # in the layout it trained in
     return model.to(device), args
 
 

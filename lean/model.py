@@ -103,8 +103,8 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     """A Mask R-CNN for `num_classes` (background included).
 
     weights: "coco" (COCO Mask R-CNN weights for resnet50_fpn, ImageNet
-    backbone weights for the others), "none" (random init), or a state dict:
-    in memory, or the path of one or of a lean checkpoint.
+    backbone weights for the others), "none" (random init), or a state dict
+    or lean checkpoint: in memory, or the path of one.
 
     Pretrained weights get torchvision's layout for a pretrained model, whether
     downloaded, in memory or from a file: BatchNorm frozen to the statistics the
@@ -118,10 +118,8 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
     pretrained, download = weights != "none", weights == "coco"  # (a dict is equal to neither)
     state = None
     if pretrained and not download:
-        if isinstance(weights, dict):
-            state, name = weights, "the state dict given"
-        else:
-            (state, pretrained), name = read_weights(weights), weights
+        name = "the state dict given" if isinstance(weights, dict) else weights
+        state, pretrained = read_weights(weights)
     with _download_errors("COCO" if backbone == "resnet50_fpn" else "ImageNet"):
         model = _BUILDERS[backbone](num_classes, pretrained, download, min_size, max_size)
     transform = model.transform
@@ -314,21 +312,22 @@ def _is_download_error(error):
     )
 
 
-def read_weights(path):
-    """(state dict, pretrained) from a file. A plain state dict is pretrained weights; a lean checkpoint's
-    "model" entry is too, unless its run trained from scratch: then its model is built as that run's was."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeanError(f"--weights {path}: no such file (or use coco or none)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
-        raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
-    pretrained = True
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        run_args = state.get("args")
-        pretrained = not (isinstance(run_args, dict) and run_args.get("weights") == "none")
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise LeanError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state, pretrained
+def read_weights(source):
+    """(state dict, pretrained) from a file's path or from what torch.load gave. A plain state dict is
+    pretrained weights; a lean checkpoint's "model" entry is too, unless its run trained from scratch:
+    then its model is built as that run's was."""
+    loaded = source
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.is_file():
+            raise LeanError(f"--weights {path}: no such file (or use coco or none)")
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
+            raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    if isinstance(loaded.get("model"), dict):
+        run_args = loaded.get("args")
+        return loaded["model"], not (isinstance(run_args, dict) and run_args.get("weights") == "none")
+    return loaded, True
