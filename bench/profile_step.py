@@ -1,19 +1,24 @@
 """python -m bench.profile_step: where the time of lean.train's step goes, operator by operator.
 
-Runs the benchmark's lean step (resnet50_fpn, batch 2, lean's speed settings, Penn-Fudan) for --warmup
-steps, then profiles --steps more and prints the operators that took longest: on CUDA by device time,
-with the share of wall time its kernels ran and how often the host waited for the device (each wait
-leaves the GPU idle until the host has launched the next kernels); on the CPU by CPU time.
+Runs the benchmark's lean step (resnet50_fpn, lean's speed settings, Penn-Fudan) for --warmup steps,
+times --steps more (median, and peak device memory), then profiles as many and prints the operators that
+took longest: on CUDA by device time, with the share of wall time its kernels ran and how often the host
+waited for the device (each wait leaves the GPU idle until the host has launched the next kernels), and
+the source lines that made the host wait, counted by torch.cuda.set_sync_debug_mode; on the CPU by CPU time.
 """
 
+import statistics
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.throughput import lean_training, scratch_cache
+from lean.cache import Cache
 from lean.cli import Parser, run
 from lean.sources import default_root
 
@@ -26,41 +31,81 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--cache", type=Path, help="a built Penn-Fudan cache (default: built from --root in a scratch folder)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[2], help="one run each")
+    parser.add_argument("--sites", type=int, default=40, help="sync sites to list")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rows", type=int, default=25, help="operators to list")
-    parser.add_argument("--compile", action="store_true", help="with the compiled backbone (lean.train --compile)")
+    parser.add_argument("--rows", type=int, default=25, help="operators to list (0: none)")
+    parser.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, "cudagraphs"],
+                        help="with the compiled backbone (lean.train --compile); cudagraphs: dynamo's CUDA-graph backend")
     return parser.parse_args(argv)
+
+
+def sync_sites(step, batches, steps):
+    """Counter of 'file:line' -> host syncs per step, as torch.cuda.set_sync_debug_mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step(next(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {site: count / steps for site, count in sites.most_common()}
+
+
+def profile_batch_size(cache, device, args, batch_size):
+    """Print lean's step at `batch_size`: the operator table (--rows), the sync sites, and a summary line."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step, batches = lean_training(cache, device, args.min_size, args.max_size, args.compile, lr=0.0, batch_size=batch_size)
+    for _ in range(args.warmup):
+        step(next(batches))
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(next(batches))
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiled:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(next(batches))
+        sync()
+        wall_us = (time.perf_counter() - start) * 1e6
+    sites = sync_sites(step, batches, args.steps) if cuda else {}
+    batches.close()
+    events = profiled.key_averages()
+    if args.rows:
+        print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows))
+    median = statistics.median(times)
+    summary = f"batch {batch_size}, {args.min_size}/{args.max_size}: {median * 1e3:.1f} ms a step (median of {args.steps}), {batch_size / median:.1f} images/s"
+    if cuda:
+        busy_us = sum(event.self_device_time_total for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+        waits = sum(event.count for event in events if event.key.startswith(HOST_WAITS))
+        summary += (f", peak {peak:.1f} GiB; GPU kernels {100 * busy_us / wall_us:.0f} % of the profiled steps' wall time (summed over streams); "
+                    f"the host waited for the device {waits / args.steps:.0f} times a step; sync_debug_mode counted {sum(sites.values()):.0f} a step")
+        for site, count in list(sites.items())[: args.sites]:
+            print(f"  {count:5.1f} a step  {site}")
+    print(summary, flush=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory(prefix="lean-profile-") as scratch:
-        cache = scratch_cache(default_root(args.root), Path(scratch))
-        step, batches = lean_training(cache, device, args.min_size, args.max_size, args.compile)
-        for _ in range(args.warmup):
-            step(next(batches))
-        sync()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as profiled:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(next(batches))
-            sync()
-            wall_us = (time.perf_counter() - start) * 1e6
-        batches.close()
-    events = profiled.key_averages()
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    print(events.table(sort_by=sort_by, row_limit=args.rows))
-    print(f"{args.steps} steps, {wall_us / args.steps / 1e3:.1f} ms each")
-    if cuda:
-        busy_us = sum(event.self_device_time_total for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
-        waits = sum(event.count for event in events if event.key.startswith(HOST_WAITS))
-        print(f"GPU kernels: {100 * busy_us / wall_us:.0f} % of wall time (summed over streams); "
-              f"the host waited for the device {waits / args.steps:.0f} times a step")
+        cache = Cache(args.cache) if args.cache else scratch_cache(default_root(args.root), Path(scratch))
+        for batch_size in args.batch_size:
+            profile_batch_size(cache, device, args, batch_size)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def seed_training(root, device, min_size, max_size):
     return step, epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True)), weights
 
 
-def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=0.005):
+def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=0.005, batch_size=2):
     """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn from `weights` (a state dict; if
     not given, the seed model's fixed random init) with its default speed settings (amp and channels-last where
     the hardware computes in bf16), and the Loader's batches without end."""
@@ -196,7 +196,7 @@ def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=
     model = tune_for_speed(model.to(device), channels_last_is_fast(device), compile_backbone=compiled)
     model.train()
     optimizer = make_optimizer(model, lr)
-    loader = Loader(cache, batch_size=2, device=device, dtype=torch.uint8)
+    loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8)
     scheduler = make_scheduler(optimizer, len(loader))
     precision = amp_dtype(None, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)

@@ -171,9 +171,12 @@ def tune_for_speed(model, channels_last=True, compile_backbone=True):
         transform.canvas_ladder = canvas_ladder(transform.min_size[0], transform.max_size)
         limit = 2 * len(transform.canvas_ladder) ** 2
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        # Inductor lays out a CPU model's convolutions channels-last whatever it is given; told not to, it
-        # keeps the layout chosen here (on an fp32 CPU, contiguous: see lean.train.channels_last_is_fast).
-        model.backbone.compile(dynamic=False, options={"layout_optimization": channels_last})
+        if compile_backbone == "cudagraphs":  # no code generation: the eager kernels, replayed as CUDA graphs
+            model.backbone.compile(backend="cudagraphs", dynamic=False)
+        else:
+            # Inductor lays out a CPU model's convolutions channels-last whatever it is given; told not to, it
+            # keeps the layout chosen here (on an fp32 CPU, contiguous: see lean.train.channels_last_is_fast).
+            model.backbone.compile(dynamic=False, options={"layout_optimization": channels_last})
     return model
 
 
