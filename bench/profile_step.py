@@ -7,6 +7,7 @@ waited for the device (each wait leaves the GPU idle until the host has launched
 the source lines that made the host wait, counted by torch.cuda.set_sync_debug_mode; on the CPU by CPU time.
 """
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -20,9 +21,16 @@ from torch.profiler import ProfilerActivity, profile
 from bench.throughput import lean_training, scratch_cache
 from lean.cache import Cache
 from lean.cli import Parser, run
+from lean.internals import set_recompile_limit
 from lean.sources import default_root
+from lean.speed import COMPILE, RECOMPILE_LIMIT, Speed, keep_freed_memory
 
-HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")  # cudaMemcpy: blocking
+HOST_WAITS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy ",
+)  # cudaMemcpy: blocking
 
 
 def parse_args(argv):
@@ -31,14 +39,20 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
-    parser.add_argument("--cache", type=Path, help="a built Penn-Fudan cache (default: built from --root in a scratch folder)")
+    parser.add_argument(
+        "--cache", type=Path, help="a built Penn-Fudan cache (default: built from --root in a scratch folder)"
+    )
     parser.add_argument("--batch-size", type=int, nargs="+", default=[2], help="one run each")
     parser.add_argument("--sites", type=int, default=40, help="sync sites to list")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=25, help="operators to list (0: none)")
-    parser.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, "cudagraphs"],
-                        help="with the compiled backbone (lean.train --compile); cudagraphs: dynamo's CUDA-graph backend")
+    parser.add_argument(
+        "--compile", choices=COMPILE, help="how the backbone runs (default: lean.train's for the device)"
+    )
+    parser.add_argument(
+        "--no-canvases", action="store_true", help="batches padded as torchvision pads them, not to canvases"
+    )
     return parser.parse_args(argv)
 
 
@@ -52,7 +66,11 @@ def sync_sites(step, batches, steps):
                 step(next(batches))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    sites = Counter(
+        f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
     return {site: count / steps for site, count in sites.most_common()}
 
 
@@ -60,7 +78,10 @@ def profile_batch_size(cache, device, args, batch_size):
     """Print lean's step at `batch_size`: the operator table (--rows), the sync sites, and a summary line."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step, batches = lean_training(cache, device, args.min_size, args.max_size, args.compile, lr=0.0, batch_size=batch_size)
+    speed = Speed.for_device(device, compile=args.compile)
+    if args.no_canvases:
+        speed = dataclasses.replace(speed, canvases=False)
+    step, batches = lean_training(cache, device, args.min_size, args.max_size, speed, lr=0.0, batch_size=batch_size)
     for _ in range(args.warmup):
         step(next(batches))
     sync()
@@ -86,12 +107,20 @@ def profile_batch_size(cache, device, args, batch_size):
     if args.rows:
         print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows))
     median = statistics.median(times)
-    summary = f"batch {batch_size}, {args.min_size}/{args.max_size}: {median * 1e3:.1f} ms a step (median of {args.steps}), {batch_size / median:.1f} images/s"
+    summary = (
+        f"{speed}; batch {batch_size}, {args.min_size}/{args.max_size}: {median * 1e3:.1f} ms a step "
+        f"(median of {args.steps}), {batch_size / median:.1f} images/s"
+    )
     if cuda:
-        busy_us = sum(event.self_device_time_total for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+        busy_us = sum(
+            event.self_device_time_total for event in events if event.device_type == torch.autograd.DeviceType.CUDA
+        )
         waits = sum(event.count for event in events if event.key.startswith(HOST_WAITS))
-        summary += (f", peak {peak:.1f} GiB; GPU kernels {100 * busy_us / wall_us:.0f} % of the profiled steps' wall time (summed over streams); "
-                    f"the host waited for the device {waits / args.steps:.0f} times a step; sync_debug_mode counted {sum(sites.values()):.0f} a step")
+        summary += (
+            f", peak {peak:.1f} GiB; GPU kernels {100 * busy_us / wall_us:.0f} % of the profiled steps' wall time "
+            f"(summed over streams); the host waited for the device {waits / args.steps:.0f} times a step; "
+            f"sync_debug_mode counted {sum(sites.values()):.0f} a step"
+        )
         for site, count in list(sites.items())[: args.sites]:
             print(f"  {count:5.1f} a step  {site}")
     print(summary, flush=True)
@@ -99,6 +128,8 @@ def profile_batch_size(cache, device, args, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()
+    set_recompile_limit(RECOMPILE_LIMIT)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="lean-profile-") as scratch:
         cache = Cache(args.cache) if args.cache else scratch_cache(default_root(args.root), Path(scratch))

@@ -88,7 +88,9 @@ def seed_model(min_size, max_size):
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
     model = MaskRCNN(backbone, num_classes=2, min_size=min_size, max_size=max_size)
     overwrite_eps(model, 0.0)
     return model
@@ -112,16 +114,29 @@ def seed_evaluate(root, indices, predictions):
         images.append({"id": int(index), "height": image.shape[-2], "width": image.shape[-1]})
         boxes = target["boxes"].clone()
         boxes[:, 2:] -= boxes[:, :2]
-        for box, area, crowd, mask in zip(boxes.tolist(), target["area"].tolist(), target["iscrowd"].tolist(), target["masks"].numpy()):
-            annotations.append({"id": len(annotations) + 1, "image_id": int(index), "category_id": 1, "bbox": box,
-                                "area": area, "iscrowd": crowd, "segmentation": mask_util.encode(np.asfortranarray(mask))})
+        for box, area, crowd, mask in zip(
+            boxes.tolist(), target["area"].tolist(), target["iscrowd"].tolist(), target["masks"].numpy()
+        ):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(index),
+                    "category_id": 1,
+                    "bbox": box,
+                    "area": area,
+                    "iscrowd": crowd,
+                    "segmentation": mask_util.encode(np.asfortranarray(mask)),
+                }
+            )
     truth = COCO()
     truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1}]}
     results = {"bbox": [], "segm": []}
     for index, prediction in zip(indices, predictions):  # the per-image update
         boxes = prediction["boxes"].clone()
         boxes[:, 2:] -= boxes[:, :2]
-        for box, score, label, mask in zip(boxes.tolist(), prediction["scores"].tolist(), prediction["labels"].tolist(), prediction["masks"]):
+        for box, score, label, mask in zip(
+            boxes.tolist(), prediction["scores"].tolist(), prediction["labels"].tolist(), prediction["masks"]
+        ):
             common = {"image_id": int(index), "category_id": label, "score": score}
             results["bbox"].append({**common, "bbox": box})
             rle = mask_util.encode(np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8)))

@@ -6,6 +6,7 @@ after one warm-up pass so both sides read from a warm page cache.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -22,8 +23,13 @@ from PIL import Image
 from bench.seed_pipeline import seed_loader, seed_model
 from lean.cache import Cache, build
 from lean.cli import Parser, run
+from lean.engine import train_step
+from lean.internals import set_recompile_limit
 from lean.loader import Loader
+from lean.model import ModelSpec, build_model
+from lean.optim import make_optimizer, make_scheduler
 from lean.sources import PennFudanSource, default_root
+from lean.speed import RECOMPILE_LIMIT, Speed, keep_freed_memory, tune_for_speed
 
 
 def median_seconds(work, repeats):
@@ -81,7 +87,7 @@ def decode_only(source):
 
 
 def scratch_cache(root, scratch):
-    """The benchmark's one cache of the PennFudan folder at `root`, built in `scratch` the first time it is asked for."""
+    """The benchmark's one cache of the PennFudan folder at `root`, built in `scratch` when first asked for."""
     path = scratch / "pennfudan.h5"
     if not path.exists():
         build(PennFudanSource(root), path, progress=False)
@@ -95,7 +101,16 @@ def data_section(root, repeats, scratch):
     cache_path = scratch / "pennfudan.h5"  # scratch_cache's: the timed builds leave it for the other sections
     build_s = median_seconds(lambda: build(source, cache_path, progress=False), repeats)
     decode_s = median_seconds(decode_only(source), repeats)
-    rows.append(("data", f"cache build, {count} images, seconds (ratio: x faster)", "one process decoding the PNGs", decode_s, build_s, decode_s / build_s))
+    rows.append(
+        (
+            "data",
+            f"cache build, {count} images, seconds (ratio: x faster)",
+            "one process decoding the PNGs",
+            decode_s,
+            build_s,
+            decode_s / build_s,
+        )
+    )
 
     seed_rates = {workers: count / median_seconds(seed_epoch(root, workers), repeats) for workers in (0, 2)}
     best = max(seed_rates, key=seed_rates.get)
@@ -103,12 +118,17 @@ def data_section(root, repeats, scratch):
     baseline = f"Dataset + DataLoader, {best} workers (other: {seed_rates[2 - best]:.3g}/s)"
     cache = scratch_cache(root, scratch)
     lean_rates = {"Cache.image + Cache.target, images/s": count / median_seconds(cache_epoch(cache), repeats)}
-    for dtype, use in ((torch.uint8, "uint8, as lean.train takes them"), (torch.float32, "float32, for stock torchvision")):
+    for dtype, use in (
+        (torch.uint8, "uint8, as lean.train takes them"),
+        (torch.float32, "float32, for stock torchvision"),
+    ):
         loader = Loader(cache, batch_size=2, device="cpu", dtype=dtype)
         lean_rates[f"Loader on CPU, {use}, images/s"] = count / median_seconds(loader_epoch(loader), repeats)
     if torch.cuda.is_available():
         loader = Loader(cache, batch_size=2, device="cuda")
-        lean_rates["Loader on CUDA, float32, images/s"] = count / median_seconds(loader_epoch(loader, cuda=True), repeats)
+        lean_rates["Loader on CUDA, float32, images/s"] = count / median_seconds(
+            loader_epoch(loader, cuda=True), repeats
+        )
     for measure, rate in lean_rates.items():
         rows.append(("data", measure, baseline, seed_rate, rate, rate / seed_rate))
     if torch.cuda.is_available():
@@ -122,8 +142,18 @@ def copy_rates(cache, repeats):
     pixels = np.sort(cache.sizes[:, 0] * cache.sizes[:, 1])[-2:].sum()
     nbytes = int(pixels) * 4  # RGB and the instance map, one byte each
     pageable = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-    rates = {pinned: nbytes / median_seconds(copy_to_cuda(pageable, pinned), max(repeats, 20)) / 1e9 for pinned in (False, True)}
-    return ("data", f"host-to-device copy of the largest batch ({nbytes / 2**20:.1f} MiB), GB/s, pinned", "pageable memory", rates[False], rates[True], rates[True] / rates[False])
+    rates = {
+        pinned: nbytes / median_seconds(copy_to_cuda(pageable, pinned), max(repeats, 20)) / 1e9
+        for pinned in (False, True)
+    }
+    return (
+        "data",
+        f"host-to-device copy of the largest batch ({nbytes / 2**20:.1f} MiB), GB/s, pinned",
+        "pageable memory",
+        rates[False],
+        rates[True],
+        rates[True] / rates[False],
+    )
 
 
 def copy_to_cuda(host, pinned):
@@ -163,12 +193,10 @@ def time_steps(step, batches, count, sync):
 def seed_training(root, device, min_size, max_size):
     """(step, batches, weights): the tutorial's step (torchvision's resnet50_fpn, eager fp32, SGD at lr 0) from
     a fixed random init, its Dataset + DataLoader's batches without end, and the init's weights."""
-    from lean.train import make_optimizer
-
     torch.manual_seed(0)
     model = seed_model(min_size, max_size).to(device).train()
     weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    optimizer = make_optimizer(model, 0.0)
+    optimizer = make_optimizer(model, 0.0, fused=False)  # the tutorial's SGD, as torch configures it by default
 
     def step(batch):
         images, targets = batch
@@ -182,27 +210,24 @@ def seed_training(root, device, min_size, max_size):
     return step, epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True)), weights
 
 
-def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=0.005, batch_size=2):
+def lean_training(cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None):
     """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn from `weights` (a state dict; if
-    not given, the seed model's fixed random init) with its default speed settings (amp and channels-last where
-    the hardware computes in bf16), and the Loader's batches without end."""
-    from lean.model import build_model, tune_for_speed
-    from lean.train import amp_dtype, channels_last_is_fast, make_optimizer, make_scheduler, train_step
-
+    not given, the seed model's fixed random init) with `speed` (default: lean's for the device), and the
+    Loader's batches without end."""
     if weights is None:
         torch.manual_seed(0)
         weights = seed_model(min_size, max_size).state_dict()
-    model = build_model(2, "resnet50_fpn", weights, min_size, max_size)  # weights in hand: the fine-tuning layout
-    model = tune_for_speed(model.to(device), channels_last_is_fast(device), compile_backbone=compiled)
+    speed = speed or Speed.for_device(device)
+    model = build_model(ModelSpec("resnet50_fpn", ("person",), min_size, max_size), weights)  # the fine-tuning layout
+    model = tune_for_speed(model.to(device), speed)
     model.train()
-    optimizer = make_optimizer(model, lr)
+    optimizer = make_optimizer(model, lr, fused=fused)
     loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8)
     scheduler = make_scheduler(optimizer, len(loader))
-    precision = amp_dtype(None, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
 
     def step(batch):
-        train_step(model, *batch, optimizer, scheduler, scaler, precision)
+        train_step(model, *batch, optimizer, scheduler, scaler, speed.amp)
 
     def batches(epoch):
         loader.set_epoch(epoch)
@@ -211,28 +236,32 @@ def lean_training(cache, device, min_size, max_size, compiled, weights=None, lr=
     return step, epochs(batches)
 
 
-def train_section(root, steps, warmup, min_size, max_size, device, compile_backbone, scratch):
+def lean_variants(device, inductor):
+    """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then what
+    it is measured against: on CUDA, the same step without fixed shapes or graphs, without the graphs,
+    and without fused SGD; with `inductor`, the backbone compiled by inductor."""
+    default = Speed.for_device(device)
+    variants = {f"lean's default ({default})": (default, None)}
+    if device.type == "cuda":
+        variants["eager, batches as they come"] = (dataclasses.replace(default, compile="off", canvases=False), None)
+        variants["eager, canvases"] = (dataclasses.replace(default, compile="off"), None)
+        variants[f"{default.compile}, foreach SGD"] = (default, False)
+    if inductor:
+        variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None)
+    return variants
+
+
+def train_section(root, steps, warmup, min_size, max_size, device, inductor, scratch):
     """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
-    step; yields each row as soon as it is measured.
+    step in each of lean_variants; yields each row as soon as it is measured.
 
-    Both fine-tune torchvision's resnet50_fpn Mask R-CNN as the tutorial does, in the layout its COCO weights
-    give the model (BatchNorm frozen, stem and first stage fixed), from the same random weights (no
-    downloads here), with SGD, batch 2, for `warmup` untimed then `steps` timed steps; a step's time runs
-    from asking for its batch to the device finishing it. The learning rate is 0, so every step does a
-    real step's work (forward, backward, update) on weights that stay where they started. Trained from
-    random weights, a step's cost drifts as the model's proposals and masks change (a seed run here went
-    from 7-10 s to 3-5 s a step within a dozen steps), and each side drifts its own way. lean runs its
-    default speed settings (amp and channels-last where the hardware computes in bf16), eager and, with
-    `compile_backbone`, compiled; compile time is reported apart, as the time its steps took over their
-    median, warm-up and timed steps together (a new canvas shape compiles when first met).
+    Both fine-tune torchvision's resnet50_fpn Mask R-CNN in the layout its COCO weights give it, from the
+    same random weights, with SGD at learning rate 0 (a real step's work on weights that stay put, so step
+    costs do not drift), batch 2, `warmup` untimed then `steps` timed steps; a step's time runs from asking
+    for its batch to the device finishing it. A compiled variant's compile time is the time its steps took
+    over their median, warm-up and timed steps together (a new canvas compiles when first met).
+    docs/performance.md has the method's reasons.
     """
-    from lean.loader import keep_freed_memory
-    from lean.train import amp_dtype, channels_last_is_fast
-
-    # lean's allocator policy is process-wide and cannot be taken back: once any Loader has run (the data
-    # section's, in a full run), the seed would train under it too. Set before either side trains, so the
-    # ratio leaves it out, whatever sections ran first (measured alone, it is worth 3-8 % of lean's step).
-    keep_freed_memory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size)
     seed_waits, seed_totals = time_steps(seed_step, seed_batches, warmup + steps, sync)
@@ -241,20 +270,39 @@ def train_section(root, steps, warmup, min_size, max_size, device, compile_backb
     del seed_step, seed_batches
 
     cache = scratch_cache(root, scratch)
-    precision = amp_dtype(None, device)
-    layout = "channels-last" if channels_last_is_fast(device) else "contiguous"
-    for compiled in (False, True) if compile_backbone else (False,):
-        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, compiled, weights, lr=0.0)
+    for label, (speed, fused) in lean_variants(device, inductor).items():
+        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused)
         waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median
-        label = f"{device.type}, {min_size}/{max_size} px, amp {precision}, {layout}, {'compiled' if compiled else 'eager'}"
-        yield ("train", f"images/s, median of {steps} steps ({label})", "seed Dataset + eager fp32 Mask R-CNN", seed_rate, rate, rate / seed_rate)
+        where = f"{device.type}, {min_size}/{max_size} px"
+        yield (
+            "train",
+            f"images/s, median of {steps} steps ({where}; {label})",
+            "seed Dataset + eager fp32 Mask R-CNN",
+            seed_rate,
+            rate,
+            rate / seed_rate,
+        )
         wait = 100 * sum(waits[warmup:]) / sum(totals[warmup:])
-        yield ("train", f"waiting for data, % of step time ({'compiled' if compiled else 'eager'})", "seed DataLoader, 2 workers", seed_wait, wait, float("nan"))
-        if compiled:
+        yield (
+            "train",
+            f"waiting for data, % of step time ({label})",
+            "seed DataLoader, 2 workers",
+            seed_wait,
+            wait,
+            float("nan"),
+        )
+        if speed.compile != "off":
             compile_s = sum(max(0.0, total - median) for total in totals)
-            yield ("train", "lean compile time, seconds: steps' time over their median (not in the rate)", "-", 0.0, compile_s, float("nan"))
+            yield (
+                "train",
+                f"compile time, seconds: steps' time over their median ({label})",
+                "-",
+                0.0,
+                compile_s,
+                float("nan"),
+            )
         del lean_step, lean_batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -274,13 +322,29 @@ def eval_section(root, repeats, scratch):
         target = cache.target(i)
         boxes = target["boxes"] + torch.from_numpy(rng.normal(0, 4, target["boxes"].shape)).float()
         masks = torch.roll(target["masks"], 2, dims=2)[:, None].float()
-        predictions.append({"boxes": boxes, "scores": torch.from_numpy(rng.random(len(boxes))).float(), "labels": target["labels"], "masks": masks})
+        predictions.append(
+            {
+                "boxes": boxes,
+                "scores": torch.from_numpy(rng.random(len(boxes))).float(),
+                "labels": target["labels"],
+                "masks": masks,
+            }
+        )
     seed_s = median_seconds(lambda: seed_evaluate(root, test, predictions), repeats)
     lean_s = median_seconds(lambda: coco_eval(cache, test, predictions, verbose=False), repeats)
     seed_stats = seed_evaluate(root, test, predictions)
     lean_stats = coco_eval(cache, test, predictions, verbose=False)
     same = all(np.allclose(seed_stats[kind], lean_stats[kind]["stats"], atol=1e-4) for kind in ("bbox", "segm"))
-    return [("eval", f"score {len(test)} test images, seconds (stats identical: {same})", "references' CocoEvaluator approach", seed_s, lean_s, seed_s / lean_s)]
+    return [
+        (
+            "eval",
+            f"score {len(test)} test images, seconds (stats identical: {same})",
+            "references' CocoEvaluator approach",
+            seed_s,
+            lean_s,
+            seed_s / lean_s,
+        )
+    ]
 
 
 def print_header(header):
@@ -304,7 +368,12 @@ def parse_args(argv):
     parser.add_argument("--min-size", type=int, default=320)
     parser.add_argument("--max-size", type=int, default=512)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time lean with its backbone compiled (lean.train --compile)")
+    parser.add_argument(
+        "--inductor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time lean with its backbone compiled by inductor (lean.train --compile inductor)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
@@ -312,8 +381,12 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    # lean's process-wide settings, made before either side runs: the ratios leave them out.
+    keep_freed_memory()
+    set_recompile_limit(RECOMPILE_LIMIT)
     root = default_root(args.root)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {python}, torch {torch.__version__}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -323,8 +396,16 @@ def main(argv=None):
         sections = {
             "data": lambda: data_section(root, args.repeats, Path(scratch)),
             "eval": lambda: eval_section(root, args.repeats, Path(scratch)),
-            "train": lambda: train_section(root, args.train_steps, args.train_warmup, args.min_size, args.max_size,
-                                           torch.device(args.device), args.compile, Path(scratch)),
+            "train": lambda: train_section(
+                root,
+                args.train_steps,
+                args.train_warmup,
+                args.min_size,
+                args.max_size,
+                torch.device(args.device),
+                args.inductor,
+                Path(scratch),
+            ),
         }
         for name in ("data", "eval", "train"):
             if name in args.sections:
@@ -333,7 +414,9 @@ def main(argv=None):
                     rows.append(row)
     if args.json:
         fields = ("section", "measure", "seed_pipeline", "seed", "lean", "ratio")
-        args.json.write_text(json.dumps({"machine": machine, "date": date, "rows": [dict(zip(fields, row)) for row in rows]}, indent=1))
+        args.json.write_text(
+            json.dumps({"machine": machine, "date": date, "rows": [dict(zip(fields, row)) for row in rows]}, indent=1)
+        )
 
 
 if __name__ == "__main__":

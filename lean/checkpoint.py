@@ -1,41 +1,184 @@
-"""Checkpoints: written whole or not at all, read without unpickling code."""
+"""What a training run saves, in one place: written whole or not at all, read without unpickling code.
 
+A checkpoint is one torch.save'd dict:
+
+    format, version                       "lean-checkpoint", 2
+    model, optimizer, scheduler, scaler   state dicts
+    rng                                   the torch (and CUDA) generator states
+    epoch, batch, iteration               where the run resumes (Position)
+    best_segm_ap                          the best evaluation so far, -1 before any
+    model_spec                            how to build the model again (lean.model.ModelSpec)
+    config                                the run's settings (lean.config.TrainConfig)
+
+The model spec is kept apart from the run's settings, so that evaluation and prediction build the
+model from it alone. Checkpoints of version 1 (no format mark, the command line's arguments as
+"args") still load: their spec is read off those arguments, here and nowhere else.
+"""
+
+import dataclasses
 import os
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from lean.config import TrainConfig
 from lean.errors import LeanError
+from lean.model import ModelSpec, build_model
+
+FORMAT = "lean-checkpoint"
+VERSION = 2
 
 
-def save_checkpoint(path, state):
+@dataclass(frozen=True)
+class Position:
+    """Where a run resumes: the first batch of `epoch` not yet trained on, after `iteration` steps in all."""
+
+    epoch: int = 0
+    batch: int = 0
+    iteration: int = 0
+
+
+def position_after(iteration, iterations_per_epoch):
+    """Where a run that has taken `iteration` steps resumes: the next batch of its epoch, or the next epoch
+    when the last one ended."""
+    return Position(iteration // iterations_per_epoch, iteration % iterations_per_epoch, iteration)
+
+
+@dataclass
+class RunState:
+    """The objects whose state a checkpoint holds, besides the RNG."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+class Checkpointer:
+    """Keeps a run's checkpoints in `folder`: last.pt, written after every epoch and on a stop, and best.pt,
+    a copy of the one with the best segm AP. Disabled (every process under torchrun but the main one), it
+    writes nothing but resumes all the same."""
+
+    def __init__(self, folder, run, spec, config, enabled=True):
+        self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
+        self.run, self.spec, self.config, self.enabled = run, spec, config, enabled
+        self.best_segm_ap = -1.0
+
+    def resume(self):
+        """Load last.pt into the run and the RNG; returns where the run resumes."""
+        state = load(self.last)
+        self.run.model.load_state_dict(state["model"])
+        self.run.optimizer.load_state_dict(state["optimizer"])
+        self.run.scheduler.load_state_dict(state["scheduler"])
+        self.run.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.best_segm_ap = state["best_segm_ap"]
+        return Position(state["epoch"], state["batch"], state["iteration"])
+
+    def save(self, position, segm_ap=None):
+        """Write last.pt at `position`, atomically; copy it to best.pt when `segm_ap` beats every earlier one."""
+        improved = segm_ap is not None and segm_ap > self.best_segm_ap
+        self.best_segm_ap = max(self.best_segm_ap, segm_ap if segm_ap is not None else -1.0)
+        if not self.enabled:
+            return
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.run.model.state_dict(),
+            "optimizer": self.run.optimizer.state_dict(),
+            "scheduler": self.run.scheduler.state_dict(),
+            "scaler": self.run.scaler.state_dict(),
+            "rng": _rng_state(),
+            **dataclasses.asdict(position),
+            "best_segm_ap": self.best_segm_ap,
+            "model_spec": {**dataclasses.asdict(self.spec), "class_names": list(self.spec.class_names)},
+            "config": self.config.to_dict(),
+        }
+        _save_atomically(state, self.last)
+        if improved:
+            _copy_atomically(self.last, self.best)
+
+
+def load(path):
+    """The checkpoint dict at `path`, or one line saying why it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign or tampered files alike
+        raise LeanError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from None
+    if not is_checkpoint(state):
+        raise LeanError(f"{path}: not a lean checkpoint (no model and settings inside)")
+    return state
+
+
+def is_checkpoint(state):
+    return isinstance(state, dict) and isinstance(state.get("model"), dict) and ("config" in state or "args" in state)
+
+
+def model_spec(state):
+    """The ModelSpec of a checkpoint dict; for version 1, read off the arguments it was saved with."""
+    if "model_spec" in state:
+        return ModelSpec(**state["model_spec"])
+    args = state["args"]
+    return ModelSpec(
+        args["backbone"], ("person",), args["min_size"], args["max_size"], pretrained=args.get("weights") != "none"
+    )
+
+
+def run_config(state):
+    """The TrainConfig a checkpoint dict was saved with."""
+    return TrainConfig.from_dict(state["config"] if "config" in state else state["args"])
+
+
+def load_model(path, device):
+    """(model on `device` with the checkpoint's weights, its ModelSpec, its TrainConfig), built from the spec alone."""
+    state = load(path)
+    spec = model_spec(state)
+    return build_model(spec, state["model"]).to(device), spec, run_config(state)
+
+
+def read_weights(path):
+    """(state dict, pretrained) from a weights file: a plain state dict is pretrained weights; a lean
+    checkpoint's model comes in its own layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanError(f"{path}: no such file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
+        raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    if is_checkpoint(loaded):
+        return loaded["model"], model_spec(loaded).pretrained
+    return loaded, True
+
+
+def _copy_atomically(source, target):
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def _save_atomically(state, path):
     """torch.save to a temporary name, then rename: a crash mid-write never replaces a good checkpoint."""
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def copy_atomically(source, target):
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, foreign or tampered files alike
-        raise LeanError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from None
-
-
-def rng_state():
+def _rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state):
+def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

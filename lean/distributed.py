@@ -40,6 +40,15 @@ def stop(process):
         dist.destroy_process_group()
 
 
+def wrap(model, process, device):
+    """The model as training calls it: under DistributedDataParallel when there are several processes."""
+    if not process.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
 def mean_over_processes(values, process):
     """The mean of a tensor over all processes (the tensor itself when alone)."""
     if not process.distributed:

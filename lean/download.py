@@ -49,7 +49,9 @@ def download(url, path, md5, timeout=30):
             f"cannot download {url} ({reason}); pass --root DIR with a PennFudan folder, or use --source synthetic"
         ) from None
     if digest.hexdigest() != md5:
-        raise LeanError(f"{url}: checksum mismatch (MD5 {digest.hexdigest()}, expected {md5}); the download was discarded")
+        raise LeanError(
+            f"{url}: checksum mismatch (MD5 {digest.hexdigest()}, expected {md5}); the download was discarded"
+        )
 
 
 def safe_extract(archive, dest):

@@ -1,8 +1,9 @@
 """COCO box and mask AP with pycocotools, ground truth straight from the cache.
 
 `coco_eval(cache, indices, predictions)` scores predictions in torchvision's
-output format; `predict_split` runs a model over cache images to make them.
-`python -m lean.evaluate --checkpoint PATH` does both for a trained run.
+output format; `predict_split` runs a model over cache images to make them;
+`evaluate` does both. `python -m lean.evaluate --checkpoint PATH` evaluates a
+trained run.
 
 Ground truth follows the tutorial's references/detection conventions, so
 the numbers compare with its log: boxes [x0, y0, x1 - x0, y1 - y0] from the
@@ -22,12 +23,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from lean import checkpoint
 from lean.cache import Cache
-from lean.checkpoint import load_checkpoint
 from lean.cli import Parser, run
-from lean.errors import LeanError
 from lean.loader import Loader, split_indices
-from lean.model import build_model
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -50,11 +49,14 @@ def ground_truth(cache, indices):
         images.append({"id": int(index), "height": height, "width": width})
         fields = cache.instance_targets(index)
         masks = cache.masks(index)
-        for box, area, label, crowd, mask in zip(fields["boxes"], fields["area"], fields["labels"], fields["iscrowd"], masks):
+        for box, area, label, crowd, mask in zip(
+            fields["boxes"], fields["area"], fields["labels"], fields["iscrowd"], masks
+        ):
             x0, y0, x1, y1 = box.tolist()
             annotations.append({
                 "id": len(annotations) + 1, "image_id": int(index), "category_id": int(label),
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd), "segmentation": _rle(mask),
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd),
+                "segmentation": _rle(mask),
             })  # fmt: skip
     return _coco({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]})
 
@@ -76,7 +78,12 @@ def detections(indices, predictions):
         labels = prediction["labels"].detach().cpu().numpy()
         masks = (prediction["masks"].detach() > 0.5).squeeze(1).cpu().numpy() if "masks" in prediction else None
         for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-            result = {"image_id": int(index), "category_id": int(labels[k]), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(scores[k])}
+            result = {
+                "image_id": int(index),
+                "category_id": int(labels[k]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(scores[k]),
+            }
             if masks is not None:
                 result["segmentation"] = _rle(masks[k])
             results.append(result)
@@ -127,8 +134,21 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
     for images, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)
-        predictions += [{key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in out.items()} for out in outputs]
+        predictions += [
+            {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in out.items()}
+            for out in outputs
+        ]
     return predictions
+
+
+def evaluate(model, cache, indices, device, amp_dtype=None, verbose=True):
+    """coco_eval of `model`'s predictions for `indices`, the model run eager (compiled, each test image's shape
+    would be one more graph, costing more than the images take) and left in the mode it came in."""
+    training = model.training
+    with torch.compiler.set_stance("force_eager"):
+        predictions = predict_split(model, cache, indices, device, amp_dtype)
+    model.train(training)
+    return coco_eval(cache, indices, predictions, verbose)
 
 
 def split_of(cache, name, seed, test_size):
@@ -146,24 +166,12 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_run(checkpoint, device):
-    """The model of a lean checkpoint, on `device`, and the training arguments it was saved with."""
-    if not checkpoint.is_file():
-        raise LeanError(f"--checkpoint {checkpoint}: no such file")
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state, dict) or "model" not in state or "args" not in state:
-        raise LeanError(f"{checkpoint}: not a lean checkpoint (no model and args inside)")
-    args = state["args"]
-    model = build_model(2, args["backbone"], state, args["min_size"], args["max_size"])  # in the layout it trained in
-    return model.to(device), args
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    model, run_args = load_run(args.checkpoint, device)
-    cache = Cache(args.cache or run_args["cache"])
-    indices = split_of(cache, args.split, run_args["seed"], run_args.get("test_size"))
+    model, _, config = checkpoint.load_model(args.checkpoint, device)
+    cache = Cache(args.cache or config.cache)
+    indices = split_of(cache, args.split, config.seed, config.test_size)
     report = coco_eval(cache, indices, predict_split(model, cache, indices, device))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -14,7 +14,6 @@ on every run, on CPU and CUDA, however far ahead the thread has read, and an
 epoch can be resumed at any batch.
 """
 
-import ctypes
 import queue
 import threading
 import time
@@ -98,7 +97,14 @@ class _Slot:
 
 
 # What a batch carries per image besides pixels and map; "ids" are the map values of the kept instances.
-_FIELDS = {"image_id": torch.int64, "ids": torch.int64, "boxes": torch.float32, "area": torch.float32, "labels": torch.int64, "iscrowd": torch.int64}
+_FIELDS = {
+    "image_id": torch.int64,
+    "ids": torch.int64,
+    "boxes": torch.float32,
+    "area": torch.float32,
+    "labels": torch.int64,
+    "iscrowd": torch.int64,
+}
 
 
 def _instance_parts(cache, index, train):
@@ -113,13 +119,9 @@ def _instance_parts(cache, index, train):
 
 
 class _InstanceTable:
-    """Each image's instance arrays in both orientations, worked out the first time the image is drawn.
-
-    Selecting the instances to train on and mirroring their boxes are a dozen
-    tiny array operations: cheap once, but per image and epoch they made up
-    about a quarter of the CPU loader's time (it gathered an image in about 100 us
-    instead of 30).
-    """
+    """Each image's instance arrays in both orientations, worked out the first time the image is drawn:
+    a dozen tiny array operations, cheap once, but a large share of the CPU loader's time per image and
+    epoch (docs/performance.md)."""
 
     def __init__(self, cache, train):
         self.cache, self.train, self.known = cache, train, {}
@@ -143,7 +145,14 @@ def _mapped_parts(cache, batch, instances):
         height, width = (int(side) for side in cache.sizes[index])
         span = slice(int(cache.pixel_offsets[index]), int(cache.pixel_offsets[index + 1]))
         fields = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
-        parts.append({"index": index, "pixels": pixels[span].view(height, width, 3), "map": maps[span].view(height, width), **fields})
+        parts.append(
+            {
+                "index": index,
+                "pixels": pixels[span].view(height, width, 3),
+                "map": maps[span].view(height, width),
+                **fields,
+            }
+        )
     return parts
 
 
@@ -183,7 +192,7 @@ def _unpacked_parts(data, layout):
 
 def _masks(id_map, ids):
     """N x H x W uint8 masks, one per id."""
-    if id_map.device.type == "cpu":  # numpy's compare is about 10x faster than torch's broadcast one on CPU
+    if id_map.device.type == "cpu":  # numpy's compare beats torch's broadcast one on the CPU
         return torch.from_numpy(masks_of(id_map.numpy(), ids.numpy()))
     return (id_map.unsqueeze(0) == ids.view(-1, 1, 1)).view(torch.uint8)
 
@@ -222,31 +231,6 @@ def assemble(parts, flips, dtype=torch.float32):
     return images, targets
 
 
-def keep_freed_memory(limit=1 << 30):
-    """Have glibc's malloc keep up to `limit` bytes of freed memory for reuse; False where that failed.
-
-    Every batch is new memory, owned by the consumer. With glibc's defaults,
-    freed batches of a few hundred KiB go back to the operating system and
-    the next ones fault their pages in afresh. Keeping them made the CPU
-    loader about 12 % faster on uint8 batches and 50 % on float32 ones.
-    Blocks over 32 MiB, glibc's ceiling for heap blocks, are always mapped
-    afresh unless mapping is off, so it is off: a training step's largest
-    tensors (a 1024-region RoI feature map is 51 MB) were faulted in anew
-    each step, 50-80 thousand page faults a step at 320/512 px, which cost
-    3-8 % of a resnet50_fpn step on the development CPU, at the same peak
-    memory. A process-wide setting, as jemalloc or tcmalloc would be; the
-    process may hold up to `limit` more memory than it uses.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its allocator is its own business
-        return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # from glibc's malloc.h
-    largest_heap_block = 32 << 20  # glibc's ceiling for the threshold
-    return (bool(libc.mallopt(m_mmap_threshold, largest_heap_block)) and bool(libc.mallopt(m_trim_threshold, limit))
-            and bool(libc.mallopt(m_mmap_max, 0)))
-
-
 class Loader:
     """Iterate one epoch of (images, targets) batches on `device`; see the module docstring.
 
@@ -254,8 +238,7 @@ class Loader:
     batch k of it); `len(loader)` is the epoch's full number of batches.
     With train=True, images are flipped left-right with p = 0.5 and
     instances with zero-width or zero-height boxes, which Mask R-CNN's
-    training refuses, are left out of the targets. A CPU loader calls
-    keep_freed_memory(), so its batches reuse memory rather than fault it in.
+    training refuses, are left out of the targets.
     """
 
     def __init__(
@@ -281,8 +264,6 @@ class Loader:
         self.epoch, self.start_batch = 0, 0
         self._batches = None  # (epoch, its batches): len(loader) is asked every step
         self._instances = _InstanceTable(cache, train)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.wait_seconds = 0.0  # time the consumer spent waiting for the gather thread (CPU side)
 
     def set_epoch(self, epoch, start_batch=0):
@@ -296,7 +277,16 @@ class Loader:
 
     def _epoch_batches(self):
         if self.shuffle:
-            return epoch_batches(self.groups, self.indices, self.batch_size, self.seed, self.epoch, self.rank, self.world_size, self.drop_last)
+            return epoch_batches(
+                self.groups,
+                self.indices,
+                self.batch_size,
+                self.seed,
+                self.epoch,
+                self.rank,
+                self.world_size,
+                self.drop_last,
+            )
         order = self.indices[self.rank :: self.world_size]
         batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         return batches[:-1] if self.drop_last and batches and len(batches[-1]) < self.batch_size else batches
@@ -316,7 +306,9 @@ class Loader:
         pixels = self.cache.sizes[:, 0] * self.cache.sizes[:, 1]
         largest = np.sort(pixels)[-self.batch_size :]
         most_instances = int(np.diff(self.cache.instance_offsets).max(initial=0))
-        per_image = 2 * ALIGN + 8 + most_instances * (8 + 16 + 4 + 8 + 8)  # alignment; image_id; ids, boxes, area, labels, iscrowd
+        per_image = (
+            2 * ALIGN + 8 + most_instances * (8 + 16 + 4 + 8 + 8)
+        )  # alignment; image_id; ids, boxes, area, labels, iscrowd
         return int(largest.sum()) * 4 + self.batch_size * per_image + len(_FIELDS) * ALIGN
 
     def __iter__(self):
@@ -325,7 +317,9 @@ class Loader:
         if self.device.type != "cuda":
             # The thread makes whole batches straight from the memory map, ready while the caller computes.
             def make(batch):
-                return assemble(_mapped_parts(self.cache, batch, self._batch_instances(batch, flips)), flips, self.dtype)
+                return assemble(
+                    _mapped_parts(self.cache, batch, self._batch_instances(batch, flips)), flips, self.dtype
+                )
 
             ahead = _Ahead(make, batches)
             try:

@@ -19,12 +19,11 @@ every frozen BatchNorm is folded into the convolution before it
 import math
 import sys
 import urllib.error
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torchvision
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
-from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -35,30 +34,78 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from lean.errors import LeanError
 from lean.frozen_norm import fold_frozen_norms
+from lean.internals import overwrite_eps
 from lean.roi_align import SparseRoIAlign
 
 BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
 MASK_HIDDEN = 256
 COMPILED_CANVAS_STEP = 64
-CANVAS_LEVELS = 4  # side lengths per axis that a compiled backbone's batches are padded to
+CANVAS_LEVELS = 4  # side lengths per axis that batches are padded to, where shapes should be few
 SMALL_HIDDEN = 128  # channels of mobilenet_v3_fpn's mask head; its box head has 4x this
 SLIM_CHANNELS = 64  # resnet18_fpn's FPN and mask head channels; its box head has 4x this
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model again, weights aside: what a checkpoint keeps beside them.
+
+    `pretrained`: the layout pretrained weights get (BatchNorm frozen to their statistics, the first
+    stages fixed), as opposed to training from scratch (every layer trained, norms live).
+    """
+
+    backbone: str = "resnet50_fpn"
+    class_names: tuple[str, ...] = ("person",)
+    min_size: int = 800
+    max_size: int = 1333
+    pretrained: bool = True
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise LeanError(f"unknown backbone {self.backbone!r}; lean builds {', '.join(BACKBONES)}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @property
+    def num_classes(self):
+        """Classes the predictors score, background included."""
+        return len(self.class_names) + 1
 
 
 class Uint8Transform(GeneralizedRCNNTransform):
     """torchvision's resize-and-normalise step, taking uint8 images as well as floats in [0, 1].
 
-    With `channels_last`, the padded batch is laid out channels-last, as the
-    convolutions of a channels-last model want it.
+    Two host-to-device copies an image fewer than torchvision's: the normalisation's mean and standard
+    deviation are kept on the device, and boxes are scaled by plain numbers rather than by tensors made
+    on their device. With `channels_last`, the padded batch is laid out channels-last, as the
+    convolutions of a channels-last model want it; with a `canvas_ladder`, it is padded to a canvas.
     """
 
     channels_last = False
-    canvas_ladder = None  # side lengths to pad batches to, set when the backbone is compiled
+    canvas_ladder = None
 
     def normalize(self, image):
         if not image.is_floating_point():
             image = image.float().div_(255)
-        return super().normalize(image)
+        mean, std = self._statistics(image.dtype, image.device)
+        return (image - mean) / std
+
+    def _statistics(self, dtype, device):
+        key = (dtype, device)
+        if getattr(self, "_cached", (None,))[0] != key:
+            mean = torch.as_tensor(self.image_mean, dtype=dtype, device=device)[:, None, None]
+            std = torch.as_tensor(self.image_std, dtype=dtype, device=device)[:, None, None]
+            self._cached = key, mean, std
+        return self._cached[1:]
+
+    def resize(self, image, target=None):
+        if target is None or target["boxes"].device.type == "cpu":
+            return super().resize(image, target)
+        height, width = image.shape[-2:]
+        boxes = target["boxes"]
+        image, target = super().resize(image, {**target, "boxes": _NO_BOXES})  # the image, masks and RNG as ever
+        ratio_height, ratio_width = image.shape[-2] / height, image.shape[-1] / width
+        x0, y0, x1, y1 = boxes.unbind(1)
+        target["boxes"] = torch.stack((x0 * ratio_width, y0 * ratio_height, x1 * ratio_width, y1 * ratio_height), dim=1)
+        return image, target
 
     def batch_images(self, images, size_divisible=32):
         if self.canvas_ladder is None:
@@ -66,6 +113,9 @@ class Uint8Transform(GeneralizedRCNNTransform):
         else:
             batch = pad_to_canvas(images, self.canvas_ladder)
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+
+_NO_BOXES = torch.zeros(0, 4)
 
 
 def canvas_ladder(min_size, max_size, levels=CANVAS_LEVELS, step=COMPILED_CANVAS_STEP):
@@ -99,39 +149,30 @@ def _round_up(length, step):
     return int(math.ceil(length / step) * step)
 
 
-def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size=800, max_size=1333):
-    """A Mask R-CNN for `num_classes` (background included).
+def build_model(spec, state=None, download=False):
+    """The Mask R-CNN `spec` describes, for its classes (background included).
 
-    weights: "coco" (COCO Mask R-CNN weights for resnet50_fpn, ImageNet
-    backbone weights for the others), "none" (random init), or a state dict
-    or lean checkpoint: in memory, or the path of one.
-
-    Pretrained weights get torchvision's layout for a pretrained model, whether
-    downloaded, in memory or from a file: BatchNorm frozen to the statistics the
-    weights came with and the first stages fixed. From scratch, and from the
-    checkpoint of a run from scratch, every layer trains and norms are live.
-    Predictors for another number of classes (the COCO weights' 91) are
-    replaced by fresh ones, as the tutorial does.
+    state: a state dict to load; predictors for another number of classes (the COCO weights' 91) make
+    way for fresh ones, as the tutorial replaces them, and the rest must fit. download: start from the
+    published weights through torchvision (COCO Mask R-CNN for resnet50_fpn, ImageNet backbone for the
+    others); only for a spec in the pretrained layout.
     """
-    if backbone not in BACKBONES:
-        raise LeanError(f"--backbone {backbone}: unknown; choose one of {', '.join(BACKBONES)}")
-    pretrained, download = weights != "none", weights == "coco"  # (a dict is equal to neither)
-    state = None
-    if pretrained and not download:
-        name = "the state dict given" if isinstance(weights, dict) else weights
-        state, pretrained = read_weights(weights)
-    with _download_errors("COCO" if backbone == "resnet50_fpn" else "ImageNet"):
-        model = _BUILDERS[backbone](num_classes, pretrained, download, min_size, max_size)
+    if download and not spec.pretrained:
+        raise ValueError("downloaded weights come in the pretrained layout")
+    with _download_errors("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
+        model = _BUILDERS[spec.backbone](spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size)
     transform = model.transform
-    model.transform = Uint8Transform(min_size, max_size, transform.image_mean, transform.image_std)
+    model.transform = Uint8Transform(spec.min_size, spec.max_size, transform.image_mean, transform.image_std)
     heads = model.roi_heads
-    heads.box_roi_pool, heads.mask_roi_pool = SparseRoIAlign.like(heads.box_roi_pool), SparseRoIAlign.like(heads.mask_roi_pool)
+    heads.box_roi_pool = SparseRoIAlign.like(heads.box_roi_pool)
+    heads.mask_roi_pool = SparseRoIAlign.like(heads.mask_roi_pool)
     if state is not None:
         try:
-            model.load_state_dict(_with_own_predictors(model, state, name))
+            model.load_state_dict(_with_own_predictors(model, state))
         except RuntimeError as error:
             raise LeanError(
-                f"{name}: does not fit a {backbone} Mask R-CNN with {num_classes} classes ({str(error).splitlines()[0]})"
+                f"the state dict does not fit a {spec.backbone} Mask R-CNN with {spec.num_classes} classes "
+                f"({str(error).splitlines()[0]})"
             ) from None
     fold_frozen_norms(model)
     return model
@@ -140,51 +181,34 @@ def build_model(num_classes=2, backbone="resnet50_fpn", weights="coco", min_size
 PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
 
 
-def _with_own_predictors(model, state, name):
+def _with_own_predictors(model, state):
     """`state`, its predictors swapped for the model's own where they are for another number of classes.
 
     What the tutorial does to the COCO weights: 91 classes' predictors make way for freshly initialised
     ones. So a file of those weights (or of any other model of the same architecture) fine-tunes as
-    `--weights coco` does; weights for this many classes, a lean checkpoint say, load whole.
+    downloading them does; weights for this many classes, a lean checkpoint say, load whole.
     """
     own = model.state_dict()
-    if not any(key.startswith(PREDICTORS) and key in own and value.shape != own[key].shape for key, value in state.items()):
+    if not any(
+        key.startswith(PREDICTORS) and key in own and value.shape != own[key].shape for key, value in state.items()
+    ):
         return state
-    print(f"{name}: its predictors are for another number of classes; training fresh ones, as the tutorial does", file=sys.stderr)
+    print(
+        "the weights' predictors are for another number of classes; training fresh ones, as the tutorial does",
+        file=sys.stderr,
+    )
     return {key: value for key, value in state.items() if not key.startswith(PREDICTORS)} | {
         key: value for key, value in own.items() if key.startswith(PREDICTORS)
     }
-
-
-def tune_for_speed(model, channels_last=True, compile_backbone=True):
-    """lean.train's speed settings, in one place: channels-last weights and batches, a compiled backbone.
-
-    Compiling also pads each batch to a canvas from `canvas_ladder`, so the statically shaped backbone
-    meets few distinct shapes, and lets dynamo keep a graph for each of them (two batch sizes: the last
-    batch of an epoch may be short). Compiles in place: state dict keys are unchanged.
-    """
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.transform.channels_last = True
-    if compile_backbone:
-        transform = model.transform
-        transform.canvas_ladder = canvas_ladder(transform.min_size[0], transform.max_size)
-        limit = 2 * len(transform.canvas_ladder) ** 2
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        if compile_backbone == "cudagraphs":  # no code generation: the eager kernels, replayed as CUDA graphs
-            model.backbone.compile(backend="cudagraphs", dynamic=False)
-        else:
-            # Inductor lays out a CPU model's convolutions channels-last whatever it is given; told not to, it
-            # keeps the layout chosen here (on an fp32 CPU, contiguous: see lean.train.channels_last_is_fast).
-            model.backbone.compile(dynamic=False, options={"layout_optimization": channels_last})
-    return model
 
 
 def _resnet50_fpn(num_classes, pretrained, download, min_size, max_size):
     # maskrcnn_resnet50_fpn's model, built here so that weights from a file get the layout it gives
     # downloaded ones; it only gives that layout to weights it downloads.
     norm = torchvision.ops.misc.FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=norm, trainable_layers=3 if pretrained else 5)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=norm, trainable_layers=3 if pretrained else 5
+    )
     model = MaskRCNN(backbone, num_classes=91, min_size=min_size, max_size=max_size)
     if download:
         model.load_state_dict(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True, check_hash=True))
@@ -230,33 +254,48 @@ def _mobilenet_v3_fpn(num_classes, pretrained, download, min_size, max_size):
 def _resnet18_fpn(num_classes, pretrained, download, min_size, max_size):
     # From scratch, GroupNorm rather than BatchNorm, in the trunk, the FPN and the mask head: the statistics
     # of a batch of 2-4 images are noisy, and the running ones that evaluation would use lag far behind a
-    # network that is still changing fast. (The FPN's and mask head's GroupNorm bought 0.03 segm AP.)
+    # network that is still changing fast (docs/convergence.md).
     norm = torchvision.ops.misc.FrozenBatchNorm2d if pretrained else _group_norm
-    trunk = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if download else None, norm_layer=norm)
+    trunk = torchvision.models.resnet18(
+        weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if download else None, norm_layer=norm
+    )
     if pretrained:  # torchvision's default for a pretrained detection backbone: the first stages stay as trained
         for module in (trunk.conv1, trunk.layer1):
             module.requires_grad_(False)
     # All four stages, strides 4 to 32: masks of small figures are pooled from the stride-4 level,
     # where a leg a few pixels wide is still there to see.
     stages = {f"layer{k}": str(k - 1) for k in range(1, 5)}
-    backbone = BackboneWithFPN(trunk, stages, [64, 128, 256, 512], SLIM_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=_group_norm)
+    backbone = BackboneWithFPN(
+        trunk, stages, [64, 128, 256, 512], SLIM_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=_group_norm
+    )
     # One anchor size per level (strides 4 to 64), three shapes each.
     anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    return _small_mask_rcnn(backbone, anchors, SLIM_CHANNELS, num_classes, min_size, max_size, mask_convs=4, box_batch_size_per_image=64, norm=_group_norm)
+    return _small_mask_rcnn(
+        backbone,
+        anchors,
+        SLIM_CHANNELS,
+        num_classes,
+        min_size,
+        max_size,
+        mask_convs=4,
+        box_batch_size_per_image=64,
+        norm=_group_norm,
+    )
 
 
 def _group_norm(channels):
     return torch.nn.GroupNorm(min(32, channels // 4), channels)
 
 
-def _small_mask_rcnn(backbone, anchors, hidden, num_classes, min_size, max_size, mask_convs=2, box_batch_size_per_image=128, norm=None):
+def _small_mask_rcnn(
+    backbone, anchors, hidden, num_classes, min_size, max_size, mask_convs=2, box_batch_size_per_image=128, norm=None
+):
     """A Mask R-CNN sized for small images on a CPU.
 
     A quarter of torchvision's proposals, a quarter (or less) of its sampled regions, and slim heads: with
     torchvision's heads the mask head's four 256-channel convolutions and RoIAlign's backward take most of
     a CPU step. Half the sampled regions are positives where there are enough (torchvision: a quarter):
-    the mask head learns from positives only, and from scratch it starved on a quarter (half bought
-    0.02 segm AP).
+    the mask head learns from positives only, and from scratch it starved on a quarter (docs/convergence.md).
     `norm`, if given, follows each of the mask head's convolutions.
     """
     channels = backbone.out_channels
@@ -289,8 +328,12 @@ _BUILDERS = {
 }
 
 
+class WeightsUnavailable(LeanError):
+    """The published weights could not be downloaded."""
+
+
 class _download_errors:
-    """Turn a failed weights download into one line that names the ways around it."""
+    """Turn a failed weights download into one line saying so."""
 
     def __init__(self, what):
         self.what = what
@@ -301,10 +344,7 @@ class _download_errors:
     def __exit__(self, kind, error, traceback):
         if isinstance(error, (urllib.error.URLError, OSError, RuntimeError)) and _is_download_error(error):
             reason = getattr(error, "reason", None) or str(error).splitlines()[0]
-            raise LeanError(
-                f"cannot download the {self.what} weights ({reason}); train from scratch with --weights none, "
-                "or pass --weights FILE with a state dict or lean checkpoint"
-            ) from None
+            raise WeightsUnavailable(f"cannot download the {self.what} weights ({reason})") from None
         return False
 
 
@@ -313,24 +353,3 @@ def _is_download_error(error):
     return isinstance(error, urllib.error.URLError) or any(
         word in text for word in ("download", "urlopen", "connection", "hash", "name or service", "network")
     )
-
-
-def read_weights(source):
-    """(state dict, pretrained) from a file's path or from what torch.load gave. A plain state dict is
-    pretrained weights; a lean checkpoint's "model" entry is too, unless its run trained from scratch:
-    then its model is built as that run's was."""
-    loaded = source
-    if not isinstance(source, dict):
-        path = Path(source)
-        if not path.is_file():
-            raise LeanError(f"--weights {path}: no such file (or use coco or none)")
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
-            raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
-    if isinstance(loaded.get("model"), dict):
-        run_args = loaded.get("args")
-        return loaded["model"], not (isinstance(run_args, dict) and run_args.get("weights") == "none")
-    return loaded, True

@@ -16,11 +16,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from lean.checkpoint import load_model
 from lean.cli import Parser, run
 from lean.errors import LeanError
-from lean.evaluate import load_run
 
-CLASS_NAMES = {1: "person"}
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
 
@@ -30,7 +29,9 @@ def read_image(path):
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise LeanError(f"{path}: not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        raise LeanError(
+            f"{path}: not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
@@ -39,12 +40,19 @@ def keep_confident(prediction, score_thresh):
     return {key: value[keep] for key, value in prediction.items()}
 
 
-def draw(image, prediction):
+def class_name(label, class_names):
+    return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
+
+
+def draw(image, prediction, class_names):
     """The image with the prediction's masks, boxes and scores drawn over it."""
     colours = [PALETTE[k % len(PALETTE)] for k in range(len(prediction["scores"]))]
     if len(colours):
         image = draw_segmentation_masks(image, prediction["masks"][:, 0] > 0.5, alpha=0.45, colors=colours)
-        labels = [f"{CLASS_NAMES.get(int(label), int(label))} {score:.2f}" for label, score in zip(prediction["labels"], prediction["scores"])]
+        labels = [
+            f"{class_name(int(label), class_names)} {score:.2f}"
+            for label, score in zip(prediction["labels"], prediction["scores"])
+        ]
         image = draw_bounding_boxes(image, prediction["boxes"], labels=labels, colors=colours, width=2)
     return image
 
@@ -55,11 +63,15 @@ def save_png(image, path):
     os.replace(temporary, path)
 
 
-def as_json(path, prediction):
+def as_json(path, prediction, class_names):
     return json.dumps({
         "image": str(path),
         "detections": [
-            {"label": CLASS_NAMES.get(int(label), int(label)), "score": round(float(score), 4), "box": [round(v, 1) for v in box.tolist()]}
+            {
+                "label": class_name(int(label), class_names),
+                "score": round(float(score), 4),
+                "box": [round(v, 1) for v in box.tolist()],
+            }
             for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"])
         ],
     })  # fmt: skip
@@ -79,7 +91,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    model, _ = load_run(args.checkpoint, device)
+    model, spec, _ = load_model(args.checkpoint, device)
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -92,8 +104,8 @@ def main(argv=None):
             continue
         prediction = {key: value.cpu() for key, value in model([image.to(device)])[0].items()}
         prediction = keep_confident(prediction, args.score_thresh)
-        save_png(draw(image, prediction), args.out / f"{path.stem}.png")
-        print(as_json(path, prediction), flush=True)
+        save_png(draw(image, prediction, spec.class_names), args.out / f"{path.stem}.png")
+        print(as_json(path, prediction, spec.class_names), flush=True)
     return 1 if failed else 0
 
 

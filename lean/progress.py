@@ -15,7 +15,11 @@ class Progress:
     def update(self, n=1):
         self.done += n
         now = time.perf_counter()
-        if self.done == self.total or (self.live and now - self.last_print > 0.1) or now - self.last_print > self.log_every_s:
+        if (
+            self.done == self.total
+            or (self.live and now - self.last_print > 0.1)
+            or now - self.last_print > self.log_every_s
+        ):
             self.last_print = now
             self._print(now)
 

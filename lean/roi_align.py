@@ -1,19 +1,21 @@
-"""RoIAlign on the CPU as one sparse matrix product: 4-7x torchvision's CPU kernel, same numbers.
+"""RoIAlign on the CPU as one sparse matrix product: several times torchvision's CPU kernel, same numbers.
 
 Each pooled value is a fixed weighted sum of at most 4 x sampling_ratio**2 feature pixels (bilinear
 weights at a grid of sample points), the same for every channel. So pooling every region from every
 pyramid level is one product of a sparse (regions x bins, pixels) weight matrix with the feature
 maps laid out as a (pixels, channels) matrix (for channels-last maps, a view); its gradient is the
 transposed product. torchvision's CPU kernel walks the regions one at a time on one core and, in the
-backward pass, recomputes the weights for every channel: it took about a quarter of a ResNet-50 Mask
-R-CNN training step on the development machine. On CUDA torchvision's kernel stays.
+backward pass, recomputes the weights for every channel: a large share of a CPU step
+(docs/performance.md). On CUDA torchvision's kernel stays, with the regions
+grouped by level after one host sync, where torchvision's loop makes one a level.
 """
 
 import warnings
 
 import torch
-from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+from lean.internals import feature_maps_named, pyramid_scales, rois_in_roi_format
 
 
 class SparseRoIAlign(MultiScaleRoIAlign):
@@ -21,18 +23,43 @@ class SparseRoIAlign(MultiScaleRoIAlign):
 
     @classmethod
     def like(cls, pool):
-        return cls(pool.featmap_names, pool.output_size, pool.sampling_ratio,
-                   canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+        return cls(
+            pool.featmap_names,
+            pool.output_size,
+            pool.sampling_ratio,
+            canonical_scale=pool.canonical_scale,
+            canonical_level=pool.canonical_level,
+        )
 
     def forward(self, x, boxes, image_shapes):
-        features = _filter_input(x, self.featmap_names)
-        if features[0].device.type != "cpu" or self.sampling_ratio <= 0:
+        features = feature_maps_named(x, self.featmap_names)
+        if self.sampling_ratio <= 0:  # adaptive sampling: a region's sample count is its own
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
-        rois = _convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
-        return pyramid_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+            self.scales, self.map_levels = pyramid_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = rois_in_roi_format(boxes)
+        if len(features) == 1:
+            levels = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        else:
+            levels = self.map_levels(boxes)
+        pool = pyramid_roi_align if features[0].device.type == "cpu" else roi_align_by_level
+        return pool(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+
+
+def roi_align_by_level(features, rois, levels, scales, output_size, sampling_ratio):
+    """torchvision's RoIAlign of each region from its level, the regions sorted by level so that one host
+    sync (the count per level) splits them; returns them in their own order, in the maps' dtype."""
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio).to(features[0].dtype)
+    order = torch.argsort(levels, stable=True)
+    counts = torch.bincount(levels, minlength=len(features)).tolist()
+    pooled = [
+        roi_align(feature, part, output_size, scale, sampling_ratio)
+        for feature, scale, part in zip(features, scales, torch.split(rois[order], counts))
+    ]
+    return torch.cat(pooled)[torch.argsort(order)].to(features[0].dtype)
 
 
 def pyramid_roi_align(features, rois, levels, scales, output_size, sampling_ratio, aligned=False):
@@ -48,7 +75,9 @@ def pyramid_roi_align(features, rois, levels, scales, output_size, sampling_rati
     widths = torch.tensor([f.shape[3] for f in features])[levels]
     level_starts = torch.tensor([0] + [f.shape[0] * f.shape[2] * f.shape[3] for f in features]).cumsum(0)[levels]
     scale = torch.tensor(scales, dtype=torch.float32)[levels]
-    weights = sampling_matrix(rois.float(), scale, heights, widths, level_starts, len(pixels), output_size, sampling_ratio, aligned)
+    weights = sampling_matrix(
+        rois.float(), scale, heights, widths, level_starts, len(pixels), output_size, sampling_ratio, aligned
+    )
     with torch.autocast("cpu", enabled=False):  # the product in float32, whatever autocast is on
         pooled = weights @ pixels  # (regions x bins, channels)
     return pooled.reshape(len(rois), *output_size, channels).permute(0, 3, 1, 2).to(dtype)
@@ -81,8 +110,11 @@ def sampling_matrix(rois, scale, heights, widths, level_starts, num_pixels, outp
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
         return torch.sparse_csr_tensor(
-            torch.arange(bins + 1) * per_bin, columns.reshape(-1), values.reshape(-1),
-            size=(bins, num_pixels), check_invariants=False,
+            torch.arange(bins + 1) * per_bin,
+            columns.reshape(-1),
+            values.reshape(-1),
+            size=(bins, num_pixels),
+            check_invariants=False,
         )
 
 

@@ -8,10 +8,13 @@ from PIL import Image
 
 from lean.cli import run
 from lean.errors import LeanError
-from lean.targets import compact_instance_map
 from lean.synthetic import synthesize
+from lean.targets import compact_instance_map
 
 REAL_DATA = os.environ.get("LEAN_PENNFUDAN")
+# The small model's flags for lean.train. On the CPU wherever a GPU is at hand too: resume equality is a CPU
+# promise (CUDA's kernels are not all deterministic).
+SMALL = "--backbone mobilenet_v3_fpn --weights none --min-size 96 --max-size 160 --device cpu".split()
 
 
 def write_pennfudan(root, examples):

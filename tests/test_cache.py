@@ -22,7 +22,7 @@ from lean.sources import PennFudanSource
 from lean.synthetic import SyntheticSource
 from lean.targets import targets
 from tests.conftest import ArraySource, cli, write_pennfudan
-from tests.test_targets import instance_maps
+from tests.strategies import instance_maps
 
 
 @st.composite
@@ -87,7 +87,9 @@ def _pixel_sum(job):
 
 def test_build_command_pairs_files_by_name(small_folder, tmp_path, capsys):
     out = tmp_path / "c.h5"
-    status, stdout, _ = cli(cache_main, ["build", "--root", str(small_folder), "--out", str(out), "--workers", "2"], capsys)
+    status, stdout, _ = cli(
+        cache_main, ["build", "--root", str(small_folder), "--out", str(out), "--workers", "2"], capsys
+    )
     assert status == 0 and "6 images" in stdout
     cache = Cache(out)
     assert cache.names == sorted(p.stem for p in (small_folder / "PNGImages").iterdir())
@@ -210,7 +212,9 @@ def test_bad_input_is_one_line_and_keeps_the_old_cache(small_folder, tmp_path, c
     cli(cache_main, ["build", "--root", str(small_folder), "--out", str(out)], capsys)
     before = out.read_bytes()
     names, reason = breakage(small_folder)
-    status, stdout, stderr = cli(cache_main, ["build", "--root", str(small_folder), "--out", str(out), "--workers", workers], capsys)
+    status, _stdout, stderr = cli(
+        cache_main, ["build", "--root", str(small_folder), "--out", str(out), "--workers", workers], capsys
+    )
     assert status == 2
     lines = [line for line in stderr.splitlines() if not line.startswith("build:")]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
@@ -221,7 +225,16 @@ def test_bad_input_is_one_line_and_keeps_the_old_cache(small_folder, tmp_path, c
 
 def test_bad_input_from_the_real_command_line_has_no_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lean.cache", "build", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.h5")],
+        [
+            sys.executable,
+            "-m",
+            "lean.cache",
+            "build",
+            "--root",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "c.h5"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -243,7 +256,8 @@ def test_failed_build_leaves_the_old_cache_untouched(tmp_path, workers):
 
 
 def _foreground_ctrl_c():
-    """Let the command take Ctrl-C as in a terminal, even when these tests run as a background job (which ignores it)."""
+    """Let the command take Ctrl-C as in a terminal, even when these tests run as a background job (which ignores
+    it)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -253,7 +267,10 @@ def test_ctrl_c_during_a_build_leaves_the_old_cache_untouched(tmp_path):
     before = out.read_bytes()
     command = [sys.executable, "-m", "lean.cache", "build", "--source", "synthetic", "--num-images", "5000"]
     process = subprocess.Popen(
-        command + ["--out", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True, preexec_fn=_foreground_ctrl_c
+        [*command, "--out", str(out), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_foreground_ctrl_c,
     )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".c.h5.*.tmp")) and time.monotonic() < deadline:

@@ -48,7 +48,13 @@ def serve():
         server.server_close()
 
 
-GOOD = _zip({"PennFudanPed/PNGImages/a.png": b"img", "PennFudanPed/PedMasks/a_mask.png": b"mask", "PennFudanPed/readme.txt": b"hi"})
+GOOD = _zip(
+    {
+        "PennFudanPed/PNGImages/a.png": b"img",
+        "PennFudanPed/PedMasks/a_mask.png": b"mask",
+        "PennFudanPed/readme.txt": b"hi",
+    }
+)
 
 
 def test_download_checks_the_md5_and_unpacks(tmp_path, serve):

@@ -15,11 +15,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bench.seed_pipeline import seed_targets
 from lean.cache import Cache, build
-from lean.evaluate import STAT_NAMES, coco_eval, load_run, main as evaluate_main
+from lean.checkpoint import load_model
+from lean.evaluate import STAT_NAMES, coco_eval
+from lean.evaluate import main as evaluate_main
 from lean.predict import main as predict_main
 from lean.sources import PennFudanSource
 from lean.train import main as train_main
-from tests.conftest import cli
+from tests.conftest import SMALL, cli
 
 
 @pytest.fixture
@@ -32,8 +34,14 @@ def perfect(cache, indices):
     for i in indices:
         target = cache.target(i)
         count = len(target["boxes"])
-        predictions.append({"boxes": target["boxes"], "scores": torch.linspace(1, 0.5, count), "labels": target["labels"],
-                            "masks": target["masks"][:, None].float()})
+        predictions.append(
+            {
+                "boxes": target["boxes"],
+                "scores": torch.linspace(1, 0.5, count),
+                "labels": target["labels"],
+                "masks": target["masks"][:, None].float(),
+            }
+        )
     return predictions
 
 
@@ -56,8 +64,14 @@ def perturbed(cache, indices, seed):
             fake[k, 0, y : y + 20, x : x + 20] = 0.9
         masks = torch.cat([masks * torch.from_numpy(rng.uniform(0.4, 1.0, (len(masks), 1, 1, 1))).float(), fake])
         count = len(boxes)
-        predictions.append({"boxes": boxes, "scores": torch.from_numpy(rng.random(count)).float(),
-                            "labels": torch.ones(count, dtype=torch.int64), "masks": masks})
+        predictions.append(
+            {
+                "boxes": boxes,
+                "scores": torch.from_numpy(rng.random(count)).float(),
+                "labels": torch.ones(count, dtype=torch.int64),
+                "masks": masks,
+            }
+        )
     return predictions
 
 
@@ -72,8 +86,17 @@ def independent_stats(root, names, predictions):
         boxes[:, 2:] -= boxes[:, :2]
         for box, area, mask in zip(boxes.tolist(), target["area"].tolist(), target["masks"].numpy()):
             rle = mask_util.encode(np.asfortranarray(mask))
-            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": 1, "bbox": box,
-                                "area": area, "iscrowd": 0, "segmentation": rle})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": 1,
+                    "bbox": box,
+                    "area": area,
+                    "iscrowd": 0,
+                    "segmentation": rle,
+                }
+            )
     truth = COCO()
     truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1}]}
     stats = {}
@@ -82,13 +105,17 @@ def independent_stats(root, names, predictions):
         for kind in ("bbox", "segm"):
             results = []
             for index, prediction in enumerate(predictions):
-                for box, score, mask in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["masks"]):
+                for box, score, mask in zip(
+                    prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["masks"]
+                ):
                     x0, y0, x1, y1 = box
                     result = {"image_id": index, "category_id": 1, "score": score}
                     if kind == "bbox":
                         result["bbox"] = [x0, y0, x1 - x0, y1 - y0]
                     else:
-                        result["segmentation"] = mask_util.encode(np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8)))
+                        result["segmentation"] = mask_util.encode(
+                            np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8))
+                        )
                     results.append(result)
             evaluator = COCOeval(truth, truth.loadRes(results), kind)
             evaluator.evaluate()
@@ -123,7 +150,12 @@ def test_agrees_with_pycocotools_on_ground_truth_from_the_pngs(folder_cache, see
 
 def test_no_detections_score_zero(folder_cache):
     _, cache = folder_cache
-    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 1, 4, 4)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 1, 4, 4),
+    }
     report = coco_eval(cache, range(len(cache)), [empty] * len(cache), verbose=False)
     assert report["bbox"]["AP"] == 0 and report["segm"]["AP"] == 0
 
@@ -135,8 +167,13 @@ def trained_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("run")
     cache = build(SyntheticSource(8, seed=2), folder / "c.h5", workers=0, progress=False)
-    argv = ["--cache", str(cache), "--backbone", "mobilenet_v3_fpn", "--weights", "none", "--min-size", "96",
-            "--max-size", "160", "--test-size", "2", "--device", "cpu", "--no-compile", "--max-iters", "2", "--out", str(folder / "run")]
+    argv = [
+        "--cache",
+        str(cache),
+        *SMALL,
+        *"--test-size 2 --no-compile --max-iters 2 --out".split(),
+        str(folder / "run"),
+    ]
     with pytest.raises(SystemExit) as exited:
         from lean.cli import run
 
@@ -155,22 +192,61 @@ def test_training_writes_the_stats_of_every_evaluation(trained_run):
 
 def test_evaluate_command_writes_json(trained_run, tmp_path, capsys):
     _, run_dir = trained_run
-    status, stdout, _ = cli(evaluate_main, ["--checkpoint", str(run_dir / "last.pt"), "--json", str(tmp_path / "s.json"), "--device", "cpu"], capsys)
+    status, stdout, _ = cli(
+        evaluate_main,
+        ["--checkpoint", str(run_dir / "last.pt"), "--json", str(tmp_path / "s.json"), "--device", "cpu"],
+        capsys,
+    )
     report = json.loads((tmp_path / "s.json").read_text())
     assert status == 0 and set(report) == {"bbox", "segm"} and len(report["segm"]["stats"]) == 12
     assert "IoU metric: segm" in stdout
 
 
+def as_version_1(state):
+    """What lean wrote before the checkpoint schema (2026-11-26): the command line's arguments as "args", no spec."""
+    args = {**state["config"], "compile": False}
+    return {key: value for key, value in state.items() if key not in ("format", "version", "model_spec", "config")} | {
+        "args": args
+    }
+
+
 def test_a_run_is_evaluated_in_the_layout_it_trained_in(trained_run, tmp_path):
     _, run_dir = trained_run
-    from_scratch, _ = load_run(run_dir / "last.pt", "cpu")
-    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in from_scratch.modules())
+    from_scratch, spec, _ = load_model(run_dir / "last.pt", "cpu")
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in from_scratch.modules()) and not spec.pretrained
     state = torch.load(run_dir / "last.pt", weights_only=True)
-    state["args"]["weights"] = str(run_dir / "last.pt")  # as if fine-tuned from weights in a file
+    state["model_spec"]["pretrained"] = True  # as if fine-tuned from weights in a file
     torch.save(state, tmp_path / "tuned.pt")
-    tuned, _ = load_run(tmp_path / "tuned.pt", "cpu")
+    tuned, _, _ = load_model(tmp_path / "tuned.pt", "cpu")
     assert any(isinstance(module, FrozenBatchNorm2d) for module in tuned.modules())
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in tuned.modules())
+
+
+def test_a_checkpoint_written_before_the_schema_still_evaluates_and_resumes(trained_run, tmp_path, capsys):
+    cache, run_dir = trained_run
+    old = as_version_1(torch.load(run_dir / "last.pt", weights_only=True))
+    old["args"]["weights"] = str(run_dir / "last.pt")  # version 1 told the layout by this argument
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "last.pt")
+    model, spec, config = load_model(tmp_path / "old" / "last.pt", "cpu")
+    assert spec.backbone == "mobilenet_v3_fpn" and spec.class_names == ("person",) and spec.pretrained
+    assert config.cache == cache and config.test_size == 2
+    assert all(torch.equal(value, old["model"][key]) for key, value in model.state_dict().items())
+    status, _, _ = cli(evaluate_main, ["--checkpoint", str(tmp_path / "old" / "last.pt"), "--device", "cpu"], capsys)
+    assert status == 0
+    old["args"]["weights"] = "none"  # resumed as it trained: from scratch
+    torch.save(old, tmp_path / "old" / "last.pt")
+    argv = [
+        "--cache",
+        str(cache),
+        *SMALL,
+        *"--test-size 2 --no-compile --max-iters 3 --no-eval --out".split(),
+        str(tmp_path / "old"),
+        "--resume",
+    ]
+    status, stdout, _ = cli(train_main, argv, capsys)
+    assert status == 0 and "resuming" in stdout
+    assert torch.load(tmp_path / "old" / "last.pt", weights_only=True)["iteration"] == 3
 
 
 def test_evaluate_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
@@ -186,11 +262,22 @@ def test_predict_draws_each_image_and_reports_the_unreadable_one(trained_run, sm
     Image.open(good[0]).convert("RGB").save(jpeg)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    argv = [str(good[0]), str(broken), str(good[1]), str(jpeg), "--checkpoint", str(run_dir / "last.pt"),
-            "--out", str(tmp_path / "out"), "--score-thresh", "0.0", "--device", "cpu"]
+    argv = [
+        str(good[0]),
+        str(broken),
+        str(good[1]),
+        str(jpeg),
+        "--checkpoint",
+        str(run_dir / "last.pt"),
+        "--out",
+        str(tmp_path / "out"),
+        *"--score-thresh 0.0 --device cpu".split(),
+    ]
     status, stdout, stderr = cli(predict_main, argv, capsys)
     assert status == 1
-    assert stderr.strip().startswith(f"error: {broken}: not a readable image (") and len(stderr.strip().splitlines()) == 1
+    assert (
+        stderr.strip().startswith(f"error: {broken}: not a readable image (") and len(stderr.strip().splitlines()) == 1
+    )
     lines = [json.loads(line) for line in stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(good[0]), str(good[1]), str(jpeg)]
     for path in (good[0], good[1], jpeg):

@@ -10,11 +10,12 @@ machine) but the masks are not yet (segm AP under 0.01); they take some hundreds
 import torch
 
 from lean.cache import Cache, build
+from lean.engine import train_step
 from lean.evaluate import coco_eval, predict_split
 from lean.loader import Loader
-from lean.model import build_model
+from lean.model import ModelSpec, build_model
+from lean.optim import make_optimizer, make_scheduler
 from lean.synthetic import SyntheticSource
-from lean.train import make_optimizer, make_scheduler, train_step
 
 IMAGES, BATCH, EPOCHS = 4, 4, 80  # one step an epoch
 CPU = torch.device("cpu")
@@ -29,7 +30,7 @@ def box_scores(model, cache):
 def test_a_short_training_from_scratch_lifts_box_ap_well_above_the_untrained_models(tmp_path):
     cache = Cache(build(SyntheticSource(IMAGES, seed=5), tmp_path / "few.h5", workers=0, progress=False))
     torch.manual_seed(0)
-    model = build_model(2, "resnet18_fpn", "none", min_size=128, max_size=224)
+    model = build_model(ModelSpec("resnet18_fpn", min_size=128, max_size=224, pretrained=False))
     untrained_ap, untrained_ap50 = box_scores(model, cache)
 
     loader = Loader(cache, BATCH, seed=0, device=CPU, dtype=torch.uint8)

@@ -25,7 +25,7 @@ from lean.loader import (
 from lean.synthetic import SyntheticSource
 from lean.targets import targets as derive_targets
 from tests.conftest import ArraySource
-from tests.test_targets import instance_maps
+from tests.strategies import image_sizes, instance_maps
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,13 +35,10 @@ def cache(tmp_path_factory):
     return Cache(build(SyntheticSource(23, seed=5), tmp_path_factory.mktemp("c") / "c.h5", workers=0, progress=False))
 
 
-sizes_lists = st.lists(st.tuples(st.integers(20, 400), st.integers(20, 400)), min_size=1, max_size=60)
-
-
 # --- sampling ------------------------------------------------------------------------------------
 
 
-@given(sizes_lists, st.integers(1, 5), st.integers(0, 100), st.integers(0, 5))
+@given(image_sizes, st.integers(1, 5), st.integers(0, 100), st.integers(0, 5))
 def test_every_image_exactly_once_per_epoch(sizes, batch_size, seed, epoch):
     groups = aspect_groups(sizes)
     batches = epoch_batches(groups, np.arange(len(sizes)), batch_size, seed, epoch)
@@ -50,10 +47,12 @@ def test_every_image_exactly_once_per_epoch(sizes, batch_size, seed, epoch):
     assert all(len(batch) == batch_size for batch in batches[:-1]) and 0 < len(batches[-1]) <= batch_size
 
 
-@given(sizes_lists, st.integers(1, 4), st.integers(2, 4), st.booleans())
+@given(image_sizes, st.integers(1, 4), st.integers(2, 4), st.booleans())
 def test_rank_shards_are_equal_disjoint_and_cover(sizes, batch_size, world_size, drop_last):
     groups, indices = aspect_groups(sizes), np.arange(len(sizes))
-    shards = [epoch_batches(groups, indices, batch_size, 0, 1, rank, world_size, drop_last) for rank in range(world_size)]
+    shards = [
+        epoch_batches(groups, indices, batch_size, 0, 1, rank, world_size, drop_last) for rank in range(world_size)
+    ]
     assert len({len(shard) for shard in shards}) == 1  # every rank takes the same number of steps
     seen = [index for shard in shards for batch in shard for index in batch]
     if drop_last:
@@ -65,7 +64,7 @@ def test_rank_shards_are_equal_disjoint_and_cover(sizes, batch_size, world_size,
             assert len(seen) == len(set(seen))
 
 
-@given(sizes_lists, st.integers(2, 4), st.integers(0, 50))
+@given(image_sizes, st.integers(2, 4), st.integers(0, 50))
 def test_batches_stay_within_an_aspect_group_but_for_the_leftovers(sizes, batch_size, seed):
     groups = aspect_groups(sizes)
     batches = epoch_batches(groups, np.arange(len(sizes)), batch_size, seed, 0)
@@ -143,7 +142,10 @@ def test_flipped_targets_equal_those_of_the_flipped_mask(tmp_path, examples, see
             if flips[i]:
                 picture, id_map = picture[:, ::-1].copy(), id_map[:, ::-1].copy()
             expected = derive_targets(id_map, i)
-            keep = ~((expected["boxes"][:, 2] <= expected["boxes"][:, 0]) | (expected["boxes"][:, 3] <= expected["boxes"][:, 1]))
+            keep = ~(
+                (expected["boxes"][:, 2] <= expected["boxes"][:, 0])
+                | (expected["boxes"][:, 3] <= expected["boxes"][:, 1])
+            )
             assert torch.equal(image, torch.from_numpy(picture).permute(2, 0, 1))
             for key in ("boxes", "masks", "area", "labels", "iscrowd"):
                 assert np.array_equal(target[key].numpy(), expected[key][keep]), key
@@ -153,9 +155,11 @@ def test_degenerate_instances_are_left_out_of_training_targets_only(tmp_path):
     id_map = np.zeros((12, 12), np.uint8)
     id_map[2:9, 5] = 1  # one pixel wide: a zero-width box
     id_map[3:10, 7:11] = 2
-    cache = Cache(build(ArraySource([(np.zeros((12, 12, 3), np.uint8), id_map)]), tmp_path / "c.h5", workers=0, progress=False))
-    (_, [train_target]), = list(Loader(cache, batch_size=1, device="cpu", train=True))
-    (_, [eval_target]), = list(Loader(cache, batch_size=1, device="cpu", train=False))
+    cache = Cache(
+        build(ArraySource([(np.zeros((12, 12, 3), np.uint8), id_map)]), tmp_path / "c.h5", workers=0, progress=False)
+    )
+    ((_, [train_target]),) = list(Loader(cache, batch_size=1, device="cpu", train=True))
+    ((_, [eval_target]),) = list(Loader(cache, batch_size=1, device="cpu", train=False))
     assert len(eval_target["boxes"]) == 2 and len(train_target["boxes"]) == 1
     assert train_target["masks"].sum() == 7 * 4
 
@@ -183,7 +187,9 @@ def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
 def _epoch(loader, consumer_delay=0.0):
     seen = []
     for images, targets in loader:
-        seen.append([(int(t["image_id"]), float(image.sum()), t["boxes"].tolist()) for image, t in zip(images, targets)])
+        seen.append(
+            [(int(t["image_id"]), float(image.sum()), t["boxes"].tolist()) for image, t in zip(images, targets)]
+        )
         time.sleep(consumer_delay)
     return seen
 
@@ -240,23 +246,27 @@ def test_an_error_in_the_thread_reaches_the_consumer(cache, monkeypatch):
     assert _loader_threads() == []
 
 
-def test_a_cpu_loader_has_glibc_keep_freed_batches(cache, monkeypatch):
-    import lean.loader
+def test_training_has_glibc_keep_freed_batches_and_a_loader_leaves_the_process_alone(cache, monkeypatch):
+    import lean.speed
+    import lean.train
 
     calls = []
-    monkeypatch.setattr("lean.loader.keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("lean.train.keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("lean.train.train", lambda *args: 0)
     Loader(cache, device="cpu")
+    assert calls == []  # a process-wide setting: the entry point's to make, in plain view
+    assert lean.train.main(["--device", "cpu"]) == 0
     assert calls == [1]
     monkeypatch.undo()
-    assert lean.loader.keep_freed_memory()  # glibc accepted the settings (this machine runs glibc)
+    assert lean.speed.keep_freed_memory()  # glibc accepted the settings (this machine runs glibc)
 
 
 def test_freed_blocks_past_glibcs_mapping_threshold_are_reused_not_faulted_in_again():
     import resource
 
-    import lean.loader
+    import lean.speed
 
-    assert lean.loader.keep_freed_memory()
+    assert lean.speed.keep_freed_memory()
     floats = 64 << 18  # 64 MiB of float32: past the 32 MiB that glibc would otherwise map afresh each time
     pages = floats * 4 // 4096
 
@@ -304,7 +314,7 @@ def test_cuda_copy_overlaps_compute(cache):
     # While the caller's kernels run, the next batch is already on its way: the consumer barely waits.
     loader = Loader(cache, batch_size=2, device="cuda")
     work = torch.randn(2048, 2048, device="cuda")
-    for images, _ in loader:
+    for _images, _ in loader:
         for _ in range(20):
             work = (work @ work).tanh_()
     torch.cuda.synchronize()

@@ -1,23 +1,41 @@
 """The models' layouts, from scratch and from weights; the canvases a compiled model pads its batches to: few
 shapes, each holding its batch, coordinates untouched."""
 
+import tempfile
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from lean.checkpoint import read_weights
 from lean.errors import LeanError
-from lean.model import CANVAS_LEVELS, COMPILED_CANVAS_STEP, PREDICTORS, build_model, canvas_ladder, canvas_side, pad_to_canvas, tune_for_speed
+from lean.model import (
+    CANVAS_LEVELS,
+    COMPILED_CANVAS_STEP,
+    PREDICTORS,
+    ModelSpec,
+    build_model,
+    canvas_ladder,
+    canvas_side,
+    pad_to_canvas,
+)
+from lean.speed import RECOMPILE_LIMIT, Speed, tune_for_speed
+
+SCRATCH = ModelSpec("resnet50_fpn", min_size=320, max_size=512, pretrained=False)
+PRETRAINED = ModelSpec("resnet50_fpn", min_size=320, max_size=512)
 
 
 def test_weights_from_a_file_get_the_layout_of_downloaded_ones(tmp_path):
     torch.manual_seed(0)
-    scratch = build_model(2, "resnet50_fpn", "none", 320, 512)
+    scratch = build_model(SCRATCH)
     assert not any(isinstance(module, FrozenBatchNorm2d) for module in scratch.modules())
     assert all(parameter.requires_grad for parameter in scratch.parameters())
     torch.save(scratch.state_dict(), tmp_path / "weights.pt")
 
-    model = build_model(2, "resnet50_fpn", str(tmp_path / "weights.pt"), 320, 512)
+    state, pretrained = read_weights(tmp_path / "weights.pt")
+    model = build_model(ModelSpec("resnet50_fpn", min_size=320, max_size=512, pretrained=pretrained), state)
     trunk = model.backbone.body
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert sum(isinstance(module, FrozenBatchNorm2d) for module in trunk.modules()) == 53  # ResNet-50's every norm
@@ -30,22 +48,28 @@ def test_weights_from_a_file_get_the_layout_of_downloaded_ones(tmp_path):
 
 def test_weights_for_another_number_of_classes_keep_all_but_their_predictors(capsys):
     torch.manual_seed(0)
-    coco_like = build_model(91, "resnet50_fpn", "none", 320, 512).state_dict()  # the COCO weights' shapes
-    model = build_model(2, "resnet50_fpn", coco_like, 320, 512)
+    coco_like = build_model(
+        ModelSpec("resnet50_fpn", tuple(map(str, range(90))), 320, 512, False)
+    ).state_dict()  # the COCO weights' shapes
+    model = build_model(PRETRAINED, coco_like)
     state = model.state_dict()
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2
     assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 2
-    assert not torch.equal(state["roi_heads.mask_predictor.conv5_mask.weight"], coco_like["roi_heads.mask_predictor.conv5_mask.weight"])
+    assert not torch.equal(
+        state["roi_heads.mask_predictor.conv5_mask.weight"], coco_like["roi_heads.mask_predictor.conv5_mask.weight"]
+    )
     assert all(torch.equal(value, coco_like[key]) for key, value in state.items() if not key.startswith(PREDICTORS))
     assert "predictors are for another number of classes" in capsys.readouterr().err
 
-    assert all(torch.equal(value, state[key]) for key, value in build_model(2, "resnet50_fpn", state, 320, 512).state_dict().items())
+    assert all(torch.equal(value, state[key]) for key, value in build_model(PRETRAINED, state).state_dict().items())
     del coco_like["backbone.fpn.inner_blocks.0.0.weight"]
     with pytest.raises(LeanError, match="does not fit"):
-        build_model(2, "resnet50_fpn", coco_like, 320, 512)
+        build_model(PRETRAINED, coco_like)
 
 
-sizes = st.tuples(st.integers(32, 900), st.integers(1, 1400)).map(lambda pair: (pair[0], pair[0] + pair[1]))  # min < max
+sizes = st.tuples(st.integers(32, 900), st.integers(1, 1400)).map(
+    lambda pair: (pair[0], pair[0] + pair[1])
+)  # min < max
 
 
 @given(sizes)
@@ -86,10 +110,10 @@ def test_penn_fudan_sized_batches_meet_few_shapes_at_the_tutorials_sizes():
     generator = torch.Generator().manual_seed(0)
     heights = torch.randint(300, 600, (200,), generator=generator)
     widths = (heights * (0.6 + 1.2 * torch.rand(200, generator=generator))).long()
-    model = build_model(2, "mobilenet_v3_fpn", "none", 800, 1333)
-    model = tune_for_speed(model, channels_last=False, compile_backbone=True)  # compiles lazily: the transform runs eager
+    model = build_model(ModelSpec("mobilenet_v3_fpn", pretrained=False))
+    model = tune_for_speed(model, Speed(compile="inductor", canvases=True))  # compiles lazily: the transform runs eager
     assert model.transform.canvas_ladder == canvas_ladder(800, 1333)
-    assert torch._dynamo.config.recompile_limit >= 2 * len(model.transform.canvas_ladder) ** 2
+    assert 2 * len(model.transform.canvas_ladder) ** 2 <= RECOMPILE_LIMIT  # what the entry points set
     model.eval()
     shapes = set()
     for h, w in zip(heights.tolist(), widths.tolist()):
@@ -98,3 +122,36 @@ def test_penn_fudan_sized_batches_meet_few_shapes_at_the_tutorials_sizes():
         assert images.image_sizes[0] == images.image_sizes[1]  # the sizes predictions are mapped back with
         assert all(s <= c for s, c in zip(images.image_sizes[0], images.tensors.shape[-2:]))
     assert len(shapes) <= 2 * CANVAS_LEVELS
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_leans_five_losses_are_torchvisions_given_the_same_weights_batch_and_seed(device):
+    """lean's model (uint8 transform, SparseRoIAlign or its by-level CUDA path, folded norms, and on CUDA its
+    speed settings but bf16 and canvases) against torchvision's as the tutorial builds it."""
+    from bench.seed_pipeline import seed_model
+    from lean.cache import Cache, build
+    from lean.loader import Loader
+    from lean.synthetic import SyntheticSource
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    reference = seed_model(160, 256).to(device).train()
+    spec = ModelSpec("resnet50_fpn", min_size=160, max_size=256)
+    model = build_model(spec, reference.state_dict()).to(device)
+    if device.type == "cuda":
+        model = tune_for_speed(model, Speed(channels_last=True, compile="cudagraphs"))
+    model.train()
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = Cache(build(SyntheticSource(4, seed=3), f"{scratch}/c.h5", workers=0, progress=False))
+        images, targets = next(iter(Loader(cache, 2, shuffle=False, device=device, train=True, dtype=torch.uint8)))
+    for _ in range(2):  # the second pass: graphs replayed, not recorded
+        torch.manual_seed(1)  # the samplers draw from it: both models draw the same regions
+        got = model(images, targets)
+    torch.manual_seed(1)
+    want = reference([image.float() / 255 for image in images], targets)
+    assert set(got) == set(want) and len(want) == 5
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-3, atol=1e-3, msg=name)

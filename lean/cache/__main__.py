@@ -24,7 +24,9 @@ def parse_args(argv):
 
     make = commands.add_parser("build", help="build a cache from a PennFudan folder or the synthetic source")
     make.add_argument("--source", choices=["pennfudan", "synthetic"], default="pennfudan")
-    make.add_argument("--root", type=Path, help="PennFudan folder (default: $LEAN_PENNFUDAN, data/PennFudanPed, or download)")
+    make.add_argument(
+        "--root", type=Path, help="PennFudan folder (default: $LEAN_PENNFUDAN, data/PennFudanPed, or download)"
+    )
     make.add_argument("--out", type=Path, help="cache file (default: cache/pennfudan.h5 or cache/synthetic.h5)")
     make.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per core)")
     make.add_argument("--num-images", type=int, default=200, help="synthetic source: how many images")
@@ -69,9 +71,15 @@ def command_info(args):
         ("file", f"{args.path} ({os.path.getsize(args.path) / 2**20:.1f} MiB)"),
         ("source", ", ".join(f"{key}={value}" for key, value in cache.params.items())),
         ("images", f"{len(cache)} ({heights.min()}-{heights.max()} x {widths.min()}-{widths.max()} px, H x W)"),
-        ("pixels", f"{int(cache.pixel_offsets[-1])} ({int(cache.pixel_offsets[-1]) * 4 / 2**20:.1f} MiB of RGB and instance ids)"),
+        (
+            "pixels",
+            f"{int(cache.pixel_offsets[-1])} ({int(cache.pixel_offsets[-1]) * 4 / 2**20:.1f} MiB of RGB and ids)",
+        ),
         ("instances", f"{len(boxes)} (0-{np.diff(cache.instance_offsets).max()} per image)"),
-        ("degenerate", f"{int(is_degenerate(boxes).sum())} (zero-width or zero-height boxes; left out of training targets)"),
+        (
+            "degenerate",
+            f"{int(is_degenerate(boxes).sum())} (zero-width or zero-height boxes; left out of training targets)",
+        ),
         ("fingerprint", cache.fingerprint),
     ]
     for key, value in rows:

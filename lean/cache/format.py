@@ -26,7 +26,7 @@ from lean.errors import LeanError
 FORMAT = "lean-cache"
 VERSION = 1
 INSTANCE_FIELDS = ("boxes", "area", "labels", "iscrowd")
-DATASETS = ("names", "sizes", "pixel_offsets", "pixels", "instance_maps", "instance_offsets") + INSTANCE_FIELDS
+DATASETS = ("names", "sizes", "pixel_offsets", "pixels", "instance_maps", "instance_offsets", *INSTANCE_FIELDS)
 MAPPED = ("pixels", "instance_maps")
 
 
@@ -43,7 +43,9 @@ def open_checked(path):
         if handle.attrs.get("format") != FORMAT:
             raise LeanError(f"{path}: not a lean cache (HDF5 file without the {FORMAT!r} format mark)")
         if handle.attrs.get("version") != VERSION:
-            raise LeanError(f"{path}: cache format version {handle.attrs.get('version')}, this lean reads {VERSION}; rebuild it")
+            raise LeanError(
+                f"{path}: cache format version {handle.attrs.get('version')}, this lean reads {VERSION}; rebuild it"
+            )
         missing = [name for name in DATASETS if name not in handle]
         if missing:
             raise LeanError(f"{path}: cache lacks {', '.join(missing)}; rebuild it")

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from lean.cache.format import INSTANCE_FIELDS, open_checked, mapped_offset
+from lean.cache.format import INSTANCE_FIELDS, mapped_offset, open_checked
 from lean.errors import LeanError
 from lean.targets import masks_of
 

@@ -6,14 +6,18 @@ from lean.cache.writer import derive
 
 
 def first_mismatch(cache, source, progress=None):
-    """None when every example of `source` derives to exactly what `cache` holds, else one line naming the first difference."""
+    """None when every example of `source` derives to exactly what `cache` holds, else one line naming the first
+    difference."""
     if len(cache) != len(source):
         return f"the cache holds {len(cache)} images, the source {len(source)}"
     for i, name in enumerate(source.names):
         if cache.names[i] != name:
             return f"image {i}: the cache has {cache.names[i]}, the source {name}"
         image, id_map, targets, _ = derive(source, i)
-        for what, cached, derived in (("pixels", cache.image(i), image), ("instance map", cache.instance_map(i), id_map)):
+        for what, cached, derived in (
+            ("pixels", cache.image(i), image),
+            ("instance map", cache.instance_map(i), id_map),
+        ):
             if cached.shape != derived.shape or not np.array_equal(cached, derived):
                 return f"{name}: {what} differ from the source"
         stored = cache.instance_targets(i)

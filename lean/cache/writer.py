@@ -51,7 +51,9 @@ class _Job:
         """Derive example i, write its pixels into the file, return its instance targets and digest."""
         image, id_map, targets, digest = derive(self.source, i)
         if image.shape[:2] != tuple(self.sizes[i]):
-            raise LeanError(f"{self.source.names[i]}: decoded size {image.shape[:2]} differs from its header {tuple(self.sizes[i])}")
+            raise LeanError(
+                f"{self.source.names[i]}: decoded size {image.shape[:2]} differs from its header {tuple(self.sizes[i])}"
+            )
         start = int(self.offsets[i])
         os.pwrite(self.fd, np.ascontiguousarray(image).data, self.byte_offsets["pixels"] + 3 * start)
         os.pwrite(self.fd, np.ascontiguousarray(id_map).data, self.byte_offsets["instance_maps"] + start)
@@ -126,7 +128,9 @@ def build(source, out, workers=None, progress=True):
                 meter.update()
         with h5py.File(temporary, "r+") as handle:
             _write_index(handle, source, sizes, offsets, fields)
-            handle.attrs.update(format=FORMAT, version=VERSION, fingerprint=fingerprint.hexdigest(), params=json.dumps(source.params()))
+            handle.attrs.update(
+                format=FORMAT, version=VERSION, fingerprint=fingerprint.hexdigest(), params=json.dumps(source.params())
+            )
         with open(temporary, "rb+") as synced:
             os.fsync(synced.fileno())  # the rename below must never expose a file still only half on disk
         os.replace(temporary, out)

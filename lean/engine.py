@@ -1,0 +1,63 @@
+"""One epoch of training: the step, and the loop that feeds it from the loader until the epoch ends, the
+run's last iteration comes, or a signal asks it to stop."""
+
+import signal
+
+import torch
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def train_step(model, images, targets, optimizer, scheduler, scaler, amp_dtype, clip_norm=None):
+    """images/targets -> loss dict -> sum -> backward -> clip -> step; returns the losses detached (their sum
+    first) and their names."""
+    with torch.autocast(images[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return torch.stack([total.detach(), *(loss.detach().float() for loss in losses.values())]), list(losses)
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM ask the run to stop after the step in flight (`received` says which);
+    a second one ends it at once."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {signum: signal.signal(signum, self._request) for signum in EXIT_SIGNAL}
+        return self
+
+    def _request(self, signum, _frame):
+        self.received = self.received or signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __exit__(self, *_):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def exit_status(self):
+        return EXIT_SIGNAL[self.received]
+
+
+def train_one_epoch(step, loader, epoch, iteration, total_iterations, monitor, log, stop):
+    """Feed the loader's epoch, from its start batch, to `step` until the epoch ends, `total_iterations` is
+    reached, or `stop` receives a signal; returns the iteration reached."""
+    monitor.new_epoch()
+    for batch_index, (images, targets) in enumerate(loader, start=loader.start_batch):
+        losses, names = step(images, targets)
+        iteration += 1
+        log.window(monitor.add(epoch, batch_index, iteration, losses, names))
+        if stop.received:
+            log.window(monitor.flush(epoch, batch_index, names))
+            break
+        if iteration >= total_iterations:
+            break
+    return iteration

@@ -1,0 +1,46 @@
+"""The private torch and torchvision names lean relies on, in one place.
+
+Each may move or vanish in a release; tests/test_internals.py fails first when one does.
+"""
+
+import torch
+from torch._dynamo import config as dynamo_config
+from torch._dynamo.utils import compilation_time_metrics, counters
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.ops.poolers import _convert_to_roi_format as rois_in_roi_format
+from torchvision.ops.poolers import _filter_input as feature_maps_named
+from torchvision.ops.poolers import _setup_scales as pyramid_scales
+
+__all__ = [
+    "IntermediateLayerGetter",
+    "compile_seconds",
+    "cpu_computes_in_bf16",
+    "feature_maps_named",
+    "graphs_compiled",
+    "overwrite_eps",
+    "pyramid_scales",
+    "rois_in_roi_format",
+    "set_recompile_limit",
+]
+
+
+def cpu_computes_in_bf16():
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX) rather than emulating it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def set_recompile_limit(limit):
+    """Let dynamo keep up to `limit` graphs of one function (one per input shape) before it falls back to eager."""
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+
+
+def graphs_compiled():
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_seconds():
+    """Seconds spent compiling so far: dynamo's graphs with their forward code, and the backward code,
+    compiled when a graph's first backward runs."""
+    phases = ("_compile.compile_inner", "backward._backward_impl")
+    return sum(sum(compilation_time_metrics.get(phase, ())) for phase in phases)
