@@ -2,23 +2,26 @@
 # The checks that need a CUDA device, phase by phase, each under its own time limit, so one slow phase
 # cannot take the others' figures with it. Logs go to LOGS (default runs/gpu), one file per phase.
 #
-#   bash bench/gpu_checks.sh [tests] [data] [train] [profile] [batches] [cudagraphs] [convergence] [suite]
+#   bash bench/gpu_checks.sh [tests] [data] [train] [profile] [batches] [convergence] [job] [suite]
 #
-#   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, compile default)
+#   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, losses equal torchvision's)
 #   data         the data benchmark, the Loader on CUDA and the host-to-device copy included
-#   train        the training benchmark at the tutorial's sizes (800/1333): seed, lean eager, lean compiled
+#   train        the training benchmark at the tutorial's sizes (800/1333): the seed, lean's CUDA default, and
+#                lean without each of its CUDA settings (TRAIN_ARGS adds flags: --inductor times inductor too)
 #   profile      where lean's step spends its time at 800/1333, by operator, how often the host waits and where
 #   batches      lean's step at 800/1333 with 2, 4, 8, 16 images (BATCH_SIZES): images/s, peak memory, GPU busy share
-#   cudagraphs   lean's step with the backbone compiled by dynamo's cudagraphs backend (no code generation)
-#   convergence  the README's convergence command in fp32 eager and in bf16 compiled (lean's CUDA default amp, --compile)
+#   convergence  the convergence command in fp32 eager and with lean's CUDA defaults (bf16, canvases, CUDA graphs)
+#   job          the tutorial's whole job: 10 epochs on Penn-Fudan at 800/1333 with per-epoch evaluation
 #   suite        the whole test suite
 #
-# PENNFUDAN (default data/PennFudanPed) is the dataset folder; PYTHON (default python3) the interpreter.
+# PENNFUDAN (default data/PennFudanPed) is the dataset folder; PYTHON (default python3) the interpreter; RUNS
+# (default LOGS) holds the training runs' folders and the cache builds' logs.
 set -u
 root=${PENNFUDAN:-data/PennFudanPed}
 logs=${LOGS:-runs/gpu}
+runs=${RUNS:-$logs}
 python=${PYTHON:-python3}
-mkdir -p "$logs"
+mkdir -p "$logs" "$runs"
 export PYTHONUNBUFFERED=1
 
 phase() {  # phase NAME SECONDS COMMAND...: run under a limit, log to LOGS/NAME.log, say how it ended
@@ -36,30 +39,28 @@ $python -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 convergence=(--cache cache/synthetic.h5 --backbone resnet18_fpn --weights none --min-size 128 --max-size 224
              --batch-size 4 --optimizer adamw --lr 1e-3 --epochs 24 --lr-step-epochs 17 --eval-every 8 --device cuda)
 cache=cache/gpu_pennfudan.h5  # the profiling phases' one cache, built when first needed
-case " $* " in *" profile "*|*" batches "*|*" cudagraphs "*)
-    [ -f "$cache" ] || $python -m lean.cache build --root "$root" --out "$cache" >"$logs/build_pennfudan.log" 2>&1 ;;
+case " $* " in *" profile "*|*" batches "*|*" job "*)
+    [ -f "$cache" ] || $python -m lean.cache build --root "$root" --out "$cache" >"$runs/build_pennfudan.log" 2>&1 ;;
 esac
 for what in "$@"; do
     case $what in
-    tests) phase tests 150 $python -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_model.py \
-               tests/test_train.py -k "cuda or compile or recompile" ;;
+    tests) phase tests "${TESTS_LIMIT:-150}" $python -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_model.py -k cuda ;;
     data) phase data 150 $python -m bench.throughput --root "$root" --sections data --repeats 3 --json "$logs/data.json" ;;
     train) phase train "${TRAIN_LIMIT:-300}" $python -m bench.throughput --root "$root" --sections train \
-               --min-size 800 --max-size 1333 --train-steps 20 --train-warmup 10 --json "$logs/train.json" ${TRAIN_ARGS:-} ;;
-    profile) TAIL=70 phase profile 120 $python -m bench.profile_step --cache "$cache" --rows 30 ${PROFILE_ARGS:-} ;;
-    batches) TAIL=6 phase batches 180 $python -m bench.profile_step --cache "$cache" --rows 0 --sites 0 --warmup 5 --steps 8 \
+               --min-size 800 --max-size 1333 --train-steps 20 --train-warmup 10 --json "$logs/train.json" --no-inductor ${TRAIN_ARGS:-} ;;
+    profile) TAIL=70 phase profile "${PROFILE_LIMIT:-120}" $python -m bench.profile_step --cache "$cache" --rows 30 ${PROFILE_ARGS:-} ;;
+    batches) TAIL=6 phase batches "${BATCHES_LIMIT:-180}" $python -m bench.profile_step --cache "$cache" --rows 0 --sites 0 --warmup 5 --steps 8 \
                  --batch-size ${BATCH_SIZES:-2 4 8 16} ${PROFILE_ARGS:-} ;;
-    cudagraphs) TAIL=30 phase cudagraphs 150 $python -m bench.profile_step --cache "$cache" --rows 0 --compile cudagraphs \
-                    --warmup 20 ${PROFILE_ARGS:-} ;;
     convergence)
-        [ -f cache/synthetic.h5 ] || $python -m lean.cache build --source synthetic --num-images 200 --seed 0 >"$logs/build.log" 2>&1
+        [ -f cache/synthetic.h5 ] || $python -m lean.cache build --source synthetic --num-images 200 --seed 0 >"$runs/build_synthetic.log" 2>&1
         # Both on the GPU at once: the figures compared are the two runs' AP, not their times.
         TAIL=8 phase convergence_fp32_eager "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
-            --amp off --no-compile --out "$logs/fp32_eager" &
-        TAIL=8 phase convergence_bf16_compiled "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
-            --compile --out "$logs/bf16_compiled" &
+            --amp off --no-compile --out "$runs/fp32_eager" &
+        TAIL=8 phase convergence_cuda_defaults "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
+            --out "$runs/cuda_defaults" &
         wait ;;
+    job) TAIL=4 phase job "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none --device cuda --out "$runs/job" ;;
     suite) phase suite "${SUITE_LIMIT:-300}" $python -m pytest -q -p no:cacheprovider -x tests ;;
-    *) echo "unknown phase: $what (tests, data, train, profile, batches, cudagraphs, convergence, suite)"; exit 2 ;;
+    *) echo "unknown phase: $what (tests, data, train, profile, batches, convergence, job, suite)"; exit 2 ;;
     esac
 done
