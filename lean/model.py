@@ -97,7 +97,7 @@ class Uint8Transform(GeneralizedRCNNTransform):
         return self._cached[1:]
 
     def resize(self, image, target=None):
-        if target is None or target["boxes"].device.type == "cpu":
+        if target is None:
             return super().resize(image, target)
         height, width = image.shape[-2:]
         boxes = target["boxes"]
