@@ -10,7 +10,8 @@
 #                lean without each of its CUDA settings (TRAIN_ARGS adds flags: --inductor times inductor too)
 #   profile      where lean's step spends its time at 800/1333, by operator, how often the host waits and where
 #   batches      lean's step at 800/1333 with 2, 4, 8, 16 images (BATCH_SIZES): images/s, peak memory, GPU busy share
-#   convergence  the convergence command in fp32 eager and with lean's CUDA defaults (bf16, canvases, CUDA graphs)
+#   convergence  the convergence command in fp32 eager and with lean's fastest CUDA settings (bf16, canvases,
+#                fused SGD, CUDA graphs)
 #   job          the tutorial's whole job: 10 epochs on Penn-Fudan at 800/1333 with per-epoch evaluation
 #   suite        the whole test suite
 #
@@ -56,8 +57,8 @@ for what in "$@"; do
         # Both on the GPU at once: the figures compared are the two runs' AP, not their times.
         TAIL=8 phase convergence_fp32_eager "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
             --amp off --no-compile --out "$runs/fp32_eager" &
-        TAIL=8 phase convergence_cuda_defaults "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
-            --out "$runs/cuda_defaults" &
+        TAIL=8 phase convergence_fastest "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
+            --compile cudagraphs --out "$runs/fastest" &
         wait ;;
     job) TAIL=4 phase job "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none --device cuda --out "$runs/job" ;;
     suite) phase suite "${SUITE_LIMIT:-300}" $python -m pytest -q -p no:cacheprovider -x tests ;;

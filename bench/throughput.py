@@ -237,15 +237,15 @@ def lean_training(cache, device, min_size, max_size, speed=None, weights=None, l
 
 
 def lean_variants(device, inductor):
-    """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then what
-    it is measured against: on CUDA, the same step without fixed shapes or graphs, without the graphs,
-    and without fused SGD; with `inductor`, the backbone compiled by inductor."""
+    """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then on
+    CUDA the same step with batches padded as torchvision pads them, with foreach SGD, and with the
+    backbone replayed as CUDA graphs; with `inductor`, the backbone compiled by inductor."""
     default = Speed.for_device(device)
     variants = {f"lean's default ({default})": (default, None)}
     if device.type == "cuda":
-        variants["eager, batches as they come"] = (dataclasses.replace(default, compile="off", canvases=False), None)
-        variants["eager, canvases"] = (dataclasses.replace(default, compile="off"), None)
-        variants[f"{default.compile}, foreach SGD"] = (default, False)
+        variants["batches padded as they come"] = (dataclasses.replace(default, canvases=False), None)
+        variants["foreach SGD"] = (default, False)
+        variants["CUDA graphs (--compile cudagraphs)"] = (dataclasses.replace(default, compile="cudagraphs"), None)
     if inductor:
         variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None)
     return variants

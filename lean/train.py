@@ -194,8 +194,8 @@ def parse_args(argv):
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="default: on where bf16 is (CUDA, CPUs with bf16 hardware), else off")  # fmt: skip
     speed.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE,
-                       help="compile the backbone: inductor (the flag alone) or cudagraphs; "
-                            "default: cudagraphs on CUDA, off on the CPU")  # fmt: skip
+                       help="compile the backbone: inductor (the flag alone) or cudagraphs (CUDA, for long runs); "
+                            "default: off")  # fmt: skip
     speed.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eager")
     speed.add_argument(
         "--sync-bn", action="store_true", help="synchronise BatchNorm across processes (where the backbone has it)"

@@ -271,9 +271,11 @@ def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_buc
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compile_is_opt_in_on_the_cpu_and_cuda_graphs_by_default_on_cuda():
+def test_compile_is_opt_in_on_every_device_and_cuda_pads_to_canvases_by_default():
     assert Speed.for_device(torch.device("cpu"), compile=parse_args(["--device", "cpu"]).compile).compile == "off"
-    assert Speed.for_device(torch.device("cuda"), compile=None).compile == "cudagraphs"
+    cuda = Speed.for_device(torch.device("cuda"), compile=None)
+    assert cuda.compile == "off" and cuda.canvases
+    assert not Speed.for_device(torch.device("cpu")).canvases
     assert parse_args(["--device", "cpu", "--compile"]).compile == "inductor"
     assert parse_args(["--device", "cpu", "--no-compile"]).compile == "off"
 
