@@ -58,7 +58,8 @@ def ground_truth(cache, indices):
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd),
                 "segmentation": _rle(mask),
             })  # fmt: skip
-    return _coco({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]})
+    categories = [{"id": label, "name": name} for label, name in enumerate(cache.classes, start=1)]
+    return _coco({"images": images, "annotations": annotations, "categories": categories})
 
 
 def _coco(dataset):

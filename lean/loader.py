@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from lean.targets import flip_boxes, is_degenerate, masks_of
+from lean import masks as mask_codec
+from lean.targets import flip_boxes, is_degenerate
 
 # Aspect-ratio bin edges on H / W, as torchvision's references make them (2 ** linspace(-1, 1, 7)).
 ASPECT_EDGES = 2.0 ** np.linspace(-1, 1, 7)
@@ -96,24 +97,32 @@ class _Slot:
         self.layout = None
 
 
-# What a batch carries per image besides pixels and map; "ids" are the map values of the kept instances.
+# What a batch carries per image besides its pixels, as device tensors; "bits" are the kept instances' masks.
 _FIELDS = {
     "image_id": torch.int64,
-    "ids": torch.int64,
     "boxes": torch.float32,
     "area": torch.float32,
     "labels": torch.int64,
     "iscrowd": torch.int64,
+    "bits": torch.uint8,
 }
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits puts the first pixel in the high bit
 
 
 def _instance_parts(cache, index, train):
-    """numpy arrays of one image's id and of the instances it trains on."""
+    """One image's id and the instances it trains on: numpy arrays, and which of the cache's masks they are.
+
+    Training leaves out degenerate instances, which Mask R-CNN refuses, and crowd regions, as torchvision's
+    references do; they stay in the cache for evaluation.
+    """
     instances = cache.instance_targets(index)
-    keep = ~is_degenerate(instances["boxes"]) if train else np.ones(len(instances["boxes"]), dtype=bool)
+    keep = np.ones(len(instances["boxes"]), dtype=bool)
+    if train:
+        keep = ~is_degenerate(instances["boxes"]) & (instances["iscrowd"] == 0)
+    first = int(cache.instance_offsets[index])
     return {
         "image_id": np.array([index], dtype=np.int64),
-        "ids": np.flatnonzero(keep).astype(np.int64) + 1,  # instance k is map value k + 1
+        "masks": np.flatnonzero(keep) + first,  # indices into the cache's mask arrays
         **{name: instances[name][keep] for name in ("boxes", "area", "labels", "iscrowd")},
     }
 
@@ -125,76 +134,102 @@ class _InstanceTable:
 
     def __init__(self, cache, train):
         self.cache, self.train, self.known = cache, train, {}
+        self.inclusive = cache.box_end == "inclusive"
 
     def parts(self, index, flipped):
         if index not in self.known:
             upright = _instance_parts(self.cache, index, self.train)
             width = int(self.cache.sizes[index][1])
-            self.known[index] = upright, {**upright, "boxes": flip_boxes(upright["boxes"], width)}
+            mirrored = flip_boxes(upright["boxes"], width if self.inclusive else width + 1)
+            self.known[index] = upright, {**upright, "boxes": mirrored}
         return self.known[index][int(flipped)]
 
 
-def _mapped_parts(cache, batch, instances):
-    """Per image: pixels and map as zero-copy tensors over the memory-mapped cache, and its instance arrays.
+def _mask_bits(cache, mask_indices):
+    """(crops (n, 4), bits, offsets (n+1,) into bits) of the cache's masks `mask_indices`, bits copied."""
+    crops = cache.mask_crops[mask_indices]
+    starts, ends = cache.mask_offsets[mask_indices], cache.mask_offsets[mask_indices + 1]
+    _, all_bits = cache.tensors()
+    bits = [all_bits[int(start) : int(end)].numpy() for start, end in zip(starts, ends)]
+    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+    return crops, (np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint8)), offsets
 
-    `instances` holds each image's arrays; they are copied, so what the caller gets is its own.
-    """
-    pixels, maps = cache.tensors()
+
+def _pixels(cache, index):
+    """H x W x 3 uint8 tensor of image `index`: a zero-copy view of a raw cache's memory map, or decoded."""
+    if cache.stored == "encoded":
+        return torch.from_numpy(cache.image(index).copy())
+    height, width = (int(side) for side in cache.sizes[index])
+    pixels, _ = cache.tensors()
+    return pixels[3 * int(cache.pixel_offsets[index]) : 3 * int(cache.pixel_offsets[index + 1])].view(height, width, 3)
+
+
+def _mapped_parts(cache, batch, instances, flips):
+    """Per image: pixels as a tensor over the memory-mapped cache (or decoded), its masks, in the orientation
+    `flips` gives, and its instance arrays, copied, so what the caller gets is its own."""
     parts = []
     for index, arrays in zip(batch, instances):
         height, width = (int(side) for side in cache.sizes[index])
-        span = slice(int(cache.pixel_offsets[index]), int(cache.pixel_offsets[index + 1]))
-        fields = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
-        parts.append(
-            {
-                "index": index,
-                "pixels": pixels[span].view(height, width, 3),
-                "map": maps[span].view(height, width),
-                **fields,
-            }
-        )
+        crops, bits, offsets = _mask_bits(cache, arrays["masks"])
+        masks = mask_codec.decode(crops, bits, offsets, height, width, flip=bool(flips[index]))
+        fields = {name: torch.from_numpy(arrays[name].copy()) for name in _FIELDS if name != "bits"}
+        parts.append({"index": index, "pixels": _pixels(cache, index), "masks": torch.from_numpy(masks), **fields})
     return parts
 
 
 def _pack(cache, batch, instances, slot):
-    """Copy a batch's pixels, maps and instance arrays into `slot`, each 8-byte aligned; returns the bytes used.
-
-    `slot.layout` records, per image, its index, size and each part's byte span.
-    """
+    """Copy a batch's pixels, mask bits and instance arrays into `slot`, each 8-byte aligned; returns the bytes
+    used. `slot.layout` records, per image, its index, size, mask crops and bit offsets, and each part's
+    byte span."""
     host = slot.buffer.numpy()
     cursor = 0
     layout = []
     for index, instance_arrays in zip(batch, instances):
-        arrays = {"pixels": cache.image(index), "map": cache.instance_map(index), **instance_arrays}
+        crops, bits, offsets = _mask_bits(cache, instance_arrays["masks"])
+        arrays = {"pixels": _pixels(cache, index).numpy(), "bits": bits}
+        arrays |= {name: instance_arrays[name] for name in _FIELDS if name != "bits"}
         spans = {}
         for name, array in arrays.items():
             data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
             host[cursor : cursor + data.size] = data
             spans[name] = cursor, cursor + data.size
             cursor = -(-(cursor + data.size) // ALIGN) * ALIGN
-        layout.append({"index": index, "size": tuple(int(side) for side in cache.sizes[index]), **spans})
+        size = tuple(int(side) for side in cache.sizes[index])
+        layout.append({"index": index, "size": size, "crops": crops.tolist(), "offsets": offsets.tolist(), **spans})
     slot.layout = layout
     return cursor
 
 
-def _unpacked_parts(data, layout):
-    """The parts _pack laid out, as views of `data` (the slot's bytes, on whichever device they now are)."""
+def _unpacked_parts(data, layout, flips):
+    """The parts _pack laid out, as views of `data` (the slot's bytes, on whichever device they now are), the
+    masks made there."""
     parts = []
     for item in layout:
         height, width = item["size"]
         part = {name: data[slice(*item[name])].view(dtype) for name, dtype in _FIELDS.items()}
         part["index"] = item["index"]
         part["pixels"] = data[slice(*item["pixels"])].view(height, width, 3)
-        part["map"] = data[slice(*item["map"])].view(height, width)
+        flipped = bool(flips[item["index"]])
+        part["masks"] = paste_masks(part.pop("bits"), item["crops"], item["offsets"], height, width, flipped)
         parts.append(part)
     return parts
 
 
-def _masks(id_map, ids):
-    """N x H x W uint8 masks, one per id."""
-    if id_map.device.type == "cpu":  # numpy's compare beats torch's broadcast one on the CPU
-        return torch.from_numpy(masks_of(id_map.numpy(), ids.numpy()))
-    return (id_map.unsqueeze(0) == ids.view(-1, 1, 1)).view(torch.uint8)
+def paste_masks(bits, crops, offsets, height, width, flipped=False):
+    """lean.masks.decode in torch, on the bits' device: N x H x W uint8 masks from packed crops. `crops` and
+    `offsets` are host lists, so nothing here waits for the device."""
+    masks = torch.zeros((len(crops), height, width), dtype=torch.uint8, device=bits.device)
+    if not len(crops):
+        return masks
+    unpacked = ((bits.unsqueeze(1) >> _BIT_SHIFTS.to(bits.device)) & 1).view(-1)
+    for n, (y, x, h, w) in enumerate(crops):
+        if h == 0:
+            continue
+        crop = unpacked[8 * offsets[n] : 8 * offsets[n] + h * w].view(h, w)
+        if flipped:
+            crop, x = crop.flip(1), width - x - w
+        masks[n, y : y + h, x : x + w] = crop
+    return masks
 
 
 def assemble(parts, flips, dtype=torch.float32):
@@ -204,20 +239,19 @@ def assemble(parts, flips, dtype=torch.float32):
     MaskRCNN takes), or uint8 as stored, for a model that folds the
     conversion into its normalisation (lean's does). Either way they lie
     channels-last in memory (a 3 x H x W view of H x W x 3 pixels): one pass
-    over the pixels, no transposing copy. The parts' boxes are the flipped
-    image's already where `flips` says so (the host mirrors them, see
-    _InstanceTable); pixels and map are flipped here, where the batch is.
-    Images and masks are new memory; the small target tensors may be views
-    of the parts, which is safe as long as nothing reuses the parts' memory
-    (the memory map is never written, and each device copy is a fresh
-    allocation).
+    over the pixels, no transposing copy. The parts' boxes and masks are the
+    flipped image's already where `flips` says so; pixels are flipped here,
+    where the batch is. Images and masks are new memory; the small target
+    tensors may be views of the parts, which is safe as long as nothing
+    reuses the parts' memory (the memory map is never written, and each
+    device copy is a fresh allocation).
     """
     images, targets = [], []
     for part in parts:
-        pixels, id_map = part["pixels"], part["map"]
+        pixels = part["pixels"]
         flipped = bool(flips[part["index"]])  # a host int: reading image_id on the device would sync
-        if flipped:  # flip uint8 pixels and the map: cheaper than floats and masks
-            pixels, id_map = pixels.flip(1), id_map.flip(1)
+        if flipped:  # flip uint8 pixels: cheaper than floats
+            pixels = pixels.flip(1)
         image = pixels.permute(2, 0, 1)
         if dtype.is_floating_point:
             image = image.to(dtype).mul_(1 / 255)
@@ -225,7 +259,7 @@ def assemble(parts, flips, dtype=torch.float32):
             image = image.clone()
         target = {name: part[name] for name in ("labels", "image_id", "area", "iscrowd")}
         target["boxes"] = part["boxes"].view(-1, 4)
-        target["masks"] = _masks(id_map, part["ids"].to(torch.uint8))
+        target["masks"] = part["masks"]
         images.append(image)
         targets.append(target)
     return images, targets
@@ -303,13 +337,15 @@ class Loader:
         return [self._instances.parts(index, flips[index]) for index in batch]
 
     def _slot_capacity(self):
-        pixels = self.cache.sizes[:, 0] * self.cache.sizes[:, 1]
-        largest = np.sort(pixels)[-self.batch_size :]
-        most_instances = int(np.diff(self.cache.instance_offsets).max(initial=0))
-        per_image = (
-            2 * ALIGN + 8 + most_instances * (8 + 16 + 4 + 8 + 8)
-        )  # alignment; image_id; ids, boxes, area, labels, iscrowd
-        return int(largest.sum()) * 4 + self.batch_size * per_image + len(_FIELDS) * ALIGN
+        """Bytes of the largest batch: pixels, mask bits, instance arrays (image_id, boxes, area, labels,
+        iscrowd), each part rounded up to ALIGN."""
+        cache = self.cache
+        pixels = np.sort(cache.sizes[:, 0] * cache.sizes[:, 1])[-self.batch_size :]
+        instances = np.diff(cache.instance_offsets)
+        bits = np.diff(cache.mask_offsets[cache.instance_offsets])
+        per_instance = 16 + 4 + 8 + 8
+        per_image = len(_FIELDS) * ALIGN + 8 + int(instances.max(initial=0)) * per_instance + int(bits.max(initial=0))
+        return int(pixels.sum()) * 3 + self.batch_size * (per_image + ALIGN)
 
     def __iter__(self):
         batches = self.batches()[self.start_batch :]
@@ -317,9 +353,8 @@ class Loader:
         if self.device.type != "cuda":
             # The thread makes whole batches straight from the memory map, ready while the caller computes.
             def make(batch):
-                return assemble(
-                    _mapped_parts(self.cache, batch, self._batch_instances(batch, flips)), flips, self.dtype
-                )
+                parts = _mapped_parts(self.cache, batch, self._batch_instances(batch, flips), flips)
+                return assemble(parts, flips, self.dtype)
 
             ahead = _Ahead(make, batches)
             try:
@@ -373,7 +408,7 @@ class Loader:
             data.record_stream(compute_stream)  # the allocator must not reuse it before compute is done
             in_flight = start_copy(next(ready, None))
             free.put(slot)  # pack() waits on slot.copied before refilling it
-            yield assemble(_unpacked_parts(data, layout), flips, self.dtype)
+            yield assemble(_unpacked_parts(data, layout, flips), flips, self.dtype)
 
 
 class _Stopped(Exception):

@@ -1,10 +1,11 @@
 """Where examples come from: a PennFudan-format folder of PNG images and instance-id masks.
 
 A source is a list of named examples whose sizes are known before any pixel
-is decoded (the cache builder lays out its arrays from them), and a `load(i)`
-that returns `(image, id_map, digest)`: an H x W x 3 uint8 RGB image, its
-H x W uint8 instance-id map renumbered 1..N (see targets.compact_instance_map),
-and a sha256 of the bytes it came from.
+is decoded (the cache builder lays out its arrays from them), and a
+`load(i, encoded=False)` that returns an Example (lean.example): the image's
+pixels, or with `encoded` the image file's own bytes, and its instances. It
+also names its classes (`classes`, and `category_ids` for their ids in the
+source) and each image's id in the source (`source_ids`).
 
 Sources are picklable so that build workers can each load their share.
 """
@@ -19,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from lean.download import fetch_pennfudan
 from lean.errors import LeanError
-from lean.targets import TooManyInstances, compact_instance_map
+from lean.example import from_instance_map
+from lean.images import read_rgb
 
 IMAGE_DIR = "PNGImages"
 MASK_DIR = "PedMasks"
@@ -72,8 +74,8 @@ def png_size(path):
     return height, width
 
 
-def read_png(path):
-    """Decode a PNG file; returns (PIL image with its pixels loaded, sha256 of the file bytes)."""
+def read_png(path, load=True):
+    """(the file's bytes, a PIL image of them: its header checked, and its pixels decoded when `load`)."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -81,10 +83,11 @@ def read_png(path):
     try:
         image = Image.open(io.BytesIO(data))
         _check_png(image, path)
-        image.load()
+        if load:
+            image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise LeanError(f"{path}: not a readable PNG ({_reason(error)})") from None
-    return image, hashlib.sha256(data).digest()
+    return data, image
 
 
 def _check_png(image, path):
@@ -94,11 +97,6 @@ def _check_png(image, path):
 
 def _reason(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def to_rgb(image):
-    """H x W x 3 uint8 pixels of any PIL image: grayscale, palette and alpha images included."""
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def to_id_map(image, path):
@@ -111,6 +109,8 @@ def to_id_map(image, path):
 
 class PennFudanSource:
     kind = "pennfudan"
+    classes = ("person",)
+    category_ids = (1,)
 
     def __init__(self, root):
         self.root = Path(root)
@@ -122,6 +122,9 @@ class PennFudanSource:
 
     def params(self):
         return {"source": self.kind, "root": str(self.root.resolve())}
+
+    def source_ids(self):
+        return list(range(len(self)))
 
     def sizes(self):
         """(N, 2) int64 (height, width) of every image, read from PNG headers and checked against the masks."""
@@ -135,19 +138,24 @@ class PennFudanSource:
                 )
         return sizes
 
-    def load(self, i):
+    def encoded_sizes(self):
+        """Bytes of every image file, as the cache stores them with --pixels encoded."""
+        return np.array([image_path.stat().st_size for _, image_path, _ in self.pairs], dtype=np.int64)
+
+    def load(self, i, encoded=False):
         _, image_path, mask_path = self.pairs[i]
-        image, image_digest = read_png(image_path)
-        mask, mask_digest = read_png(mask_path)
-        pixels = to_rgb(image)
+        data, header = read_png(image_path, load=False)  # torchvision decodes its pixels, below
+        mask_data, mask = read_png(mask_path)
         id_map = to_id_map(mask, mask_path)
-        if id_map.shape != pixels.shape[:2]:
-            raise LeanError(f"{mask_path}: mask is {_hw(id_map.shape)} but its image is {_hw(pixels.shape)}")
-        try:
-            id_map = compact_instance_map(id_map)
-        except TooManyInstances as error:
-            raise LeanError(f"{mask_path}: mask has {error}") from None
-        return pixels, id_map, hashlib.sha256(image_digest + mask_digest).digest()
+        if id_map.shape != (header.height, header.width):
+            raise LeanError(
+                f"{mask_path}: mask is {_hw(id_map.shape)} but its image is {_hw((header.height, header.width))}"
+            )
+        digest = hashlib.sha256(hashlib.sha256(data).digest() + hashlib.sha256(mask_data).digest()).digest()
+        pixels = read_rgb(data, image_path, "PNG")  # decoded either way: a file that does not decode is refused now
+        if encoded:
+            return from_instance_map(id_map, digest, encoded=data)
+        return from_instance_map(id_map, digest, pixels=pixels)
 
 
 def _hw(shape):

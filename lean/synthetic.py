@@ -9,9 +9,12 @@ Mask R-CNN from scratch in minutes on a CPU.
 """
 
 import hashlib
+import io
 
 import numpy as np
+from PIL import Image
 
+from lean.example import from_instance_map
 from lean.targets import compact_instance_map
 
 MIN_SIDE, MAX_SIDE = 128, 224
@@ -88,6 +91,8 @@ def _figure_parts(rng, figure, rows, cols):
 
 class SyntheticSource:
     kind = "synthetic"
+    classes = ("person",)
+    category_ids = (1,)
 
     def __init__(self, num_images, seed):
         self.num_images, self.seed = int(num_images), int(seed)
@@ -99,9 +104,25 @@ class SyntheticSource:
     def params(self):
         return {"source": self.kind, "num_images": self.num_images, "seed": self.seed}
 
+    def source_ids(self):
+        return list(range(self.num_images))
+
     def sizes(self):
         return np.array([image_size(self.seed, i) for i in range(self.num_images)], dtype=np.int64).reshape(-1, 2)
 
-    def load(self, i):
+    def encoded_sizes(self):
+        return np.array([len(_png(synthesize(self.seed, i)[0])) for i in range(self.num_images)], dtype=np.int64)
+
+    def load(self, i, encoded=False):
         image, id_map = synthesize(self.seed, i)
-        return image, id_map, hashlib.sha256(image.tobytes() + id_map.tobytes()).digest()
+        digest = hashlib.sha256(image.tobytes() + id_map.tobytes()).digest()
+        if encoded:
+            return from_instance_map(id_map, digest, encoded=_png(image))
+        return from_instance_map(id_map, digest, pixels=image)
+
+
+def _png(image):
+    """The image as PNG bytes: the same bytes for the same pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -8,8 +8,8 @@ from PIL import Image
 
 from lean.cli import run
 from lean.errors import LeanError
+from lean.example import from_instance_map
 from lean.synthetic import synthesize
-from lean.targets import compact_instance_map
 
 REAL_DATA = os.environ.get("LEAN_PENNFUDAN")
 # The small model's flags for lean.train. On the CPU wherever a GPU is at hand too: resume equality is a CPU
@@ -47,6 +47,8 @@ class ArraySource:
     """Examples held in memory: the smallest thing with a source's interface."""
 
     kind = "arrays"
+    classes = ("person",)
+    category_ids = (1,)
 
     def __init__(self, examples, fail_at=None, failure=LeanError):
         self.examples, self.fail_at, self.failure = examples, fail_at, failure
@@ -58,11 +60,45 @@ class ArraySource:
     def params(self):
         return {"source": self.kind}
 
+    def source_ids(self):
+        return list(range(len(self)))
+
     def sizes(self):
         return np.array([image.shape[:2] for image, _ in self.examples], dtype=np.int64)
 
-    def load(self, i):
+    def load(self, i, encoded=False):
         if i == self.fail_at:
             raise self.failure(f"{self.names[i]}: made to fail")
         image, id_map = self.examples[i]
-        return image, compact_instance_map(id_map), hashlib.sha256(image.tobytes()).digest()
+        return from_instance_map(id_map, hashlib.sha256(image.tobytes()).digest(), pixels=image)
+
+
+class ExampleSource(ArraySource):
+    """lean.example.Examples held in memory, masks free to overlap; boxes exclusive, as COCO's."""
+
+    box_end = "exclusive"
+
+    def sizes(self):
+        return np.array([example.size for example in self.examples], dtype=np.int64)
+
+    def load(self, i, encoded=False):
+        return self.examples[i]
+
+
+def overlapping_example(seed, height=24, width=32, count=4):
+    """An Example of `count` rectangles that overlap one another, with their exclusive boxes."""
+    from lean.example import Example
+
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, height, width), np.uint8)
+    boxes = np.zeros((count, 4), np.float32)
+    for k in range(count):
+        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        y1, x1 = rng.integers(y0 + 2, height + 1), rng.integers(x0 + 2, width + 1)
+        masks[k, y0:y1, x0:x1] = 1
+        boxes[k] = x0, y0, x1, y1
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    area = masks.sum((1, 2)).astype(np.float32)
+    labels = rng.integers(1, 4, count).astype(np.int64)
+    digest = hashlib.sha256(pixels.tobytes() + masks.tobytes()).digest()
+    return Example((height, width), masks, boxes, area, labels, np.zeros(count, np.int64), digest, pixels=pixels)

@@ -24,7 +24,7 @@ from lean.loader import (
 )
 from lean.synthetic import SyntheticSource
 from lean.targets import targets as derive_targets
-from tests.conftest import ArraySource
+from tests.conftest import ArraySource, ExampleSource, overlapping_example
 from tests.strategies import image_sizes, instance_maps
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -173,8 +173,8 @@ def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
     for batch in loader.batches():
         instances = loader._batch_instances(batch, flips)
         used = _pack(cache, batch, instances, slot)
-        packed = assemble(_unpacked_parts(slot.buffer[:used], slot.layout), flips, dtype)
-        mapped = assemble(_mapped_parts(cache, batch, instances), flips, dtype)
+        packed = assemble(_unpacked_parts(slot.buffer[:used], slot.layout, flips), flips, dtype)
+        mapped = assemble(_mapped_parts(cache, batch, instances, flips), flips, dtype)
         for got, want in zip(packed[0], mapped[0]):
             assert torch.equal(got, want)
         for got, want in zip(packed[1], mapped[1]):
@@ -319,3 +319,45 @@ def test_cuda_copy_overlaps_compute(cache):
             work = (work @ work).tanh_()
     torch.cuda.synchronize()
     assert loader.wait_seconds < 0.5
+
+
+def test_overlapping_instances_survive_build_loader_and_flip(tmp_path):
+    examples = [overlapping_example(seed) for seed in range(6)]
+    assert any((example.masks.sum(0) > 1).any() for example in examples)  # the masks do overlap
+    cache = Cache(build(ExampleSource(examples), tmp_path / "c.h5", workers=0, progress=False))
+    for i, example in enumerate(examples):
+        assert np.array_equal(cache.masks(i), example.masks)
+    loader = Loader(cache, batch_size=2, device="cpu", seed=3, train=True, dtype=torch.uint8)
+    flips = loader.flips()
+    assert flips.any() and not flips.all()
+    for images, targets in loader:
+        for image, target in zip(images, targets):
+            example = examples[int(target["image_id"])]
+            masks, pixels, boxes = example.masks, example.pixels, example.boxes.copy()
+            if flips[int(target["image_id"])]:
+                masks, pixels = masks[:, :, ::-1], pixels[:, ::-1]
+                boxes[:, [0, 2]] = example.size[1] - example.boxes[:, [2, 0]]  # exclusive boxes: x0' = W - x1
+            assert np.array_equal(target["masks"].numpy(), masks)
+            assert np.array_equal(target["boxes"].numpy(), boxes)
+            assert torch.equal(image, torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+
+
+def test_a_cache_of_encoded_pixels_loads_the_same_batches(small_folder_cache_pair):
+    raw, encoded = small_folder_cache_pair
+    for dtype in (torch.uint8, torch.float32):
+        got = list(Loader(encoded, batch_size=2, device="cpu", seed=4, dtype=dtype))
+        want = list(Loader(raw, batch_size=2, device="cpu", seed=4, dtype=dtype))
+        for (got_images, got_targets), (want_images, want_targets) in zip(got, want):
+            assert all(torch.equal(a, b) for a, b in zip(got_images, want_images))
+            assert all(torch.equal(a[key], b[key]) for a, b in zip(got_targets, want_targets) for key in b)
+
+
+@pytest.fixture
+def small_folder_cache_pair(small_folder, tmp_path):
+    from lean.sources import PennFudanSource
+
+    source = PennFudanSource(small_folder)
+    return tuple(
+        Cache(build(source, tmp_path / f"{kind}.h5", workers=0, progress=False, pixels=kind))
+        for kind in ("raw", "encoded")
+    )

@@ -65,21 +65,25 @@ def command_build(args):
 
 def command_info(args):
     cache = Cache(args.path)
-    boxes = cache.instances["boxes"]
+    boxes, crowd = cache.instances["boxes"], int(cache.instances["iscrowd"].sum())
     heights, widths = cache.sizes[:, 0], cache.sizes[:, 1]
+    pixels = int((heights * widths).sum())
+    stored = int(cache.pixel_offsets[-1]) * (3 if cache.stored == "raw" else 1)
+    per_label = np.bincount(cache.instances["labels"], minlength=len(cache.classes) + 1)[1:]
+    classes = zip(range(1, len(cache.classes) + 1), cache.classes, cache.category_ids, per_label)
     rows = [
         ("file", f"{args.path} ({os.path.getsize(args.path) / 2**20:.1f} MiB)"),
         ("source", ", ".join(f"{key}={value}" for key, value in cache.params.items())),
         ("images", f"{len(cache)} ({heights.min()}-{heights.max()} x {widths.min()}-{widths.max()} px, H x W)"),
+        ("pixels", f"{pixels} stored {cache.stored} ({stored / 2**20:.1f} MiB)"),
+        ("instances", f"{len(boxes)} (0-{np.diff(cache.instance_offsets).max()} per image, {crowd} crowd)"),
+        ("masks", f"{cache.mask_offsets[-1] / 2**20:.2f} MiB, each cropped to its box and bit-packed"),
         (
-            "pixels",
-            f"{int(cache.pixel_offsets[-1])} ({int(cache.pixel_offsets[-1]) * 4 / 2**20:.1f} MiB of RGB and ids)",
+            "classes",
+            ", ".join(f"{label} {name} (id {category}, {count} instances)" for label, name, category, count in classes),
         ),
-        ("instances", f"{len(boxes)} (0-{np.diff(cache.instance_offsets).max()} per image)"),
-        (
-            "degenerate",
-            f"{int(is_degenerate(boxes).sum())} (zero-width or zero-height boxes; left out of training targets)",
-        ),
+        ("degenerate", f"{int(is_degenerate(boxes).sum())} (zero-width or zero-height boxes; left out of training)"),
+        *[("skipped", f"{count} {why}") for why, count in cache.skipped.items()],
         ("fingerprint", cache.fingerprint),
     ]
     for key, value in rows:

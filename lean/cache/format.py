@@ -1,20 +1,29 @@
-"""The layout of a lean cache file, and the check that a file has it.
+"""The layout of a lean cache file (format version 2), and the check that a file has it.
 
 One HDF5 file, every dataset uncompressed and contiguous so a reader can
-memory-map it straight from disk:
+memory-map the large ones straight from disk:
 
-    attrs     format = "lean-cache", version, fingerprint (sha256 hex of the
-              source bytes), params (JSON: the source and how it was built)
-    names             (N,)     str      example names
+    attrs     format = "lean-cache", version = 2, fingerprint (sha256 hex of the
+              source bytes), params (JSON: the source and how it was built),
+              classes and category_ids (JSON: label k is classes[k - 1], the
+              source's category category_ids[k - 1]), pixels ("raw" or
+              "encoded"), box_end ("inclusive": x1 is the last column covered,
+              the tutorial's; "exclusive": x + w, COCO's), skipped (JSON: what
+              the source left out, and why, with counts)
+    names             (N,)     str      the source's name of each image
+    source_ids        (N,)     int64    the source's id of each image
     sizes             (N, 2)   int64    (height, width)
-    pixel_offsets     (N+1,)   int64    image i covers pixels [o[i], o[i+1]) of:
-    pixels            (P, 3)   uint8    RGB rows of all images, concatenated
-    instance_maps     (P,)     uint8    instance ids 1..n_i (0 background), same offsets
+    pixel_offsets     (N+1,)   int64    image i is [o[i], o[i+1]) of pixels: rows if
+    pixels            (P, 3)   uint8    raw (RGB), bytes if
+                      (B,)     uint8    encoded (the image files as they were)
     instance_offsets  (N+1,)   int64    image i owns instances [o[i], o[i+1]) of:
-    boxes             (M, 4)   float32  [x0, y0, x1, y1], inclusive
+    boxes             (M, 4)   float32  [x0, y0, x1, y1]
     area              (M,)     float32
-    labels            (M,)     int64
+    labels            (M,)     int64    1..K
     iscrowd           (M,)     int64
+    mask_crops        (M, 4)   int64    [y0, x0, h, w] of each instance's mask
+    mask_offsets      (M+1,)   int64    instance m's mask is bytes [o[m], o[m+1]) of:
+    mask_bits         (Q,)     uint8    each crop's h x w bits, row by row (lean.masks)
 """
 
 import os
@@ -24,10 +33,11 @@ import h5py
 from lean.errors import LeanError
 
 FORMAT = "lean-cache"
-VERSION = 1
+VERSION = 2
 INSTANCE_FIELDS = ("boxes", "area", "labels", "iscrowd")
-DATASETS = ("names", "sizes", "pixel_offsets", "pixels", "instance_maps", "instance_offsets", *INSTANCE_FIELDS)
-MAPPED = ("pixels", "instance_maps")
+INDEX = ("names", "source_ids", "sizes", "pixel_offsets", "instance_offsets", "mask_crops", "mask_offsets")
+MAPPED = ("pixels", "mask_bits")
+DATASETS = INDEX + INSTANCE_FIELDS + MAPPED
 
 
 def open_checked(path):
@@ -44,7 +54,8 @@ def open_checked(path):
             raise LeanError(f"{path}: not a lean cache (HDF5 file without the {FORMAT!r} format mark)")
         if handle.attrs.get("version") != VERSION:
             raise LeanError(
-                f"{path}: cache format version {handle.attrs.get('version')}, this lean reads {VERSION}; rebuild it"
+                f"{path}: cache format version {handle.attrs.get('version')}, this lean reads {VERSION}; "
+                "rebuild it with python -m lean.cache build and the arguments it was built with"
             )
         missing = [name for name in DATASETS if name not in handle]
         if missing:

@@ -1,0 +1,40 @@
+"""Reading images: one decoder wherever lean reads pixels (building a cache, the loader decoding stored
+files, prediction), so that a cache of decoded pixels and one of the files' own bytes hold the same
+images.
+
+torchvision's decoders (libpng, libjpeg-turbo), asked for RGB: grayscale, palette and alpha images
+come back as three channels, and 16-bit images are scaled to 8 bits rather than clipped.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from lean.errors import LeanError
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec, not a dependency of lean; until lean
+# moves, the notice would be printed by every process that decodes.
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+
+
+def decode_rgb(data, name="image", what="image"):
+    """3 x H x W uint8 RGB tensor from an image file's bytes (a bytes-like or uint8 tensor); `name` and
+    `what` ("image", "PNG", ...) name it in the error."""
+    if not isinstance(data, torch.Tensor):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as error:
+        raise LeanError(
+            f"{name}: not a readable {what} ({str(error).splitlines()[0] or type(error).__name__})"
+        ) from None
+    if image.dtype != torch.uint8:  # 16 bits a channel
+        image = image.to(torch.float32).mul_(255 / 65535).round_().to(torch.uint8)
+    return image
+
+
+def read_rgb(data, name="image", what="image"):
+    """H x W x 3 uint8 numpy RGB pixels from an image file's bytes."""
+    return np.ascontiguousarray(decode_rgb(data, name, what).permute(1, 2, 0).numpy())
