@@ -1,4 +1,9 @@
-"""python -m lean.cache build|info|verify: make, describe and check a cache."""
+"""python -m lean.cache build|info|verify: make, describe and check a cache.
+
+build --source pennfudan [--root DIR]                  a PennFudan folder
+build --source coco --annotations FILE [--images DIR]  a COCO JSON and its images (default: its folder)
+build --source synthetic [--num-images N --seed S]     generated pedestrians
+"""
 
 import os
 from pathlib import Path
@@ -7,8 +12,9 @@ import numpy as np
 
 from lean.cache.reader import Cache
 from lean.cache.verify import first_mismatch
-from lean.cache.writer import build
+from lean.cache.writer import PIXELS, build
 from lean.cli import Parser, run
+from lean.coco import CocoSource
 from lean.errors import LeanError
 from lean.progress import Progress
 from lean.sources import PennFudanSource, default_root
@@ -16,18 +22,27 @@ from lean.synthetic import SyntheticSource
 from lean.targets import is_degenerate
 
 DEFAULT_OUT = {"pennfudan": Path("cache/pennfudan.h5"), "synthetic": Path("cache/synthetic.h5")}
+SOURCES = ("pennfudan", "coco", "synthetic")
 
 
 def parse_args(argv):
     parser = Parser(prog="python -m lean.cache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    make = commands.add_parser("build", help="build a cache from a PennFudan folder or the synthetic source")
-    make.add_argument("--source", choices=["pennfudan", "synthetic"], default="pennfudan")
+    make = commands.add_parser(
+        "build", help="build a cache from a PennFudan folder, a COCO file or the synthetic source"
+    )
+    make.add_argument("--source", choices=SOURCES, default="pennfudan")
     make.add_argument(
         "--root", type=Path, help="PennFudan folder (default: $LEAN_PENNFUDAN, data/PennFudanPed, or download)"
     )
-    make.add_argument("--out", type=Path, help="cache file (default: cache/pennfudan.h5 or cache/synthetic.h5)")
+    make.add_argument("--annotations", type=Path, help="COCO source: the annotation JSON")
+    make.add_argument(
+        "--images", type=Path, help="COCO source: the folder file_name is relative to (default: the JSON's)"
+    )
+    make.add_argument("--pixels", choices=PIXELS, help="raw (decoded) or encoded (the files' bytes); "
+                      "default: raw while the decoded images take under 2 GiB")  # fmt: skip
+    make.add_argument("--out", type=Path, help="cache file (default: cache/<source>.h5, or beside the JSON)")
     make.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per core)")
     make.add_argument("--num-images", type=int, default=200, help="synthetic source: how many images")
     make.add_argument("--seed", type=int, default=0, help="synthetic source: which images")
@@ -38,6 +53,8 @@ def parse_args(argv):
     check = commands.add_parser("verify", help="derive every example again and compare with the cache")
     check.add_argument("path", type=Path)
     check.add_argument("--root", type=Path, help="PennFudan folder, if not where the cache was built from")
+    check.add_argument("--annotations", type=Path, help="COCO JSON, if not where the cache was built from")
+    check.add_argument("--images", type=Path, help="COCO images folder, if not where the cache was built from")
 
     args = parser.parse_args(argv)
     if args.command == "build":
@@ -45,22 +62,29 @@ def parse_args(argv):
             parser.error(f"argument --workers: must be 0 or more, got {args.workers}")
         if args.num_images < 1:
             parser.error(f"argument --num-images: must be at least 1, got {args.num_images}")
-        if args.source == "synthetic" and args.root is not None:
+        if args.source != "pennfudan" and args.root is not None:
             parser.error("argument --root: applies to --source pennfudan only")
+        if (args.source == "coco") != (args.annotations is not None):
+            parser.error("argument --annotations: the COCO JSON, for --source coco (and only for it)")
+        if args.source != "coco" and args.images is not None:
+            parser.error("argument --images: applies to --source coco only")
     return args
 
 
-def source_from(kind, root=None, num_images=None, seed=None):
-    if kind == "synthetic":
-        return SyntheticSource(num_images, seed)
-    return PennFudanSource(default_root(root))
+def source_from(args):
+    if args.source == "synthetic":
+        return SyntheticSource(args.num_images, args.seed)
+    if args.source == "coco":
+        return CocoSource(args.annotations, args.images)
+    return PennFudanSource(default_root(args.root))
 
 
 def command_build(args):
-    source = source_from(args.source, args.root, args.num_images, args.seed)
-    out = args.out or DEFAULT_OUT[args.source]
-    build(source, out, workers=args.workers)
-    print(f"wrote {out} ({len(source)} images)")
+    source = source_from(args)
+    out = args.out or (args.annotations.with_suffix(".h5") if args.source == "coco" else DEFAULT_OUT[args.source])
+    build(source, out, workers=args.workers, pixels=args.pixels)
+    skipped = "".join(f"; skipped {count} {why}" for why, count in getattr(source, "skipped", {}).items())
+    print(f"wrote {out} ({len(source)} images{skipped})")
 
 
 def command_info(args):
@@ -95,6 +119,11 @@ def command_verify(args):
     params = cache.params
     if params.get("source") == "synthetic":
         source = SyntheticSource(params["num_images"], params["seed"])
+    elif params.get("source") == "coco":
+        annotations = args.annotations or Path(params["annotations"])
+        if not annotations.is_file():
+            raise LeanError(f"{annotations}: the COCO file the cache was built from is gone; pass --annotations FILE")
+        source = CocoSource(annotations, args.images or Path(params["images"]))
     else:
         root = args.root or Path(params.get("root", ""))
         if not root.is_dir():

@@ -1,0 +1,286 @@
+"""COCO files as annotation tools write them: masks exactly as pycocotools' annToMask, the tools' quirks taken,
+every kind of bad input one line naming the file and the place in it."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from lean.cache import Cache, build
+from lean.cache.__main__ import main as cache_main
+from lean.coco import SKIP_EMPTY_MASK, SKIP_FEW_POINTS, SKIP_NO_BOX, CocoSource
+from lean.errors import LeanError
+from tests.conftest import cli
+
+
+def write_coco(folder, dataset, sizes=None, image_format="PNG"):
+    """Write `dataset` (a COCO dict) as folder/annotations.json, with an image of random pixels for each of its
+    images at its file_name (of `sizes[file_name]` where given, else its width and height)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for image in dataset["images"]:
+        height, width = (sizes or {}).get(image["file_name"], (image["height"], image["width"]))
+        path = folder / image["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (int(height), int(width), 3), dtype=np.uint8)).save(
+            path, format=image_format
+        )
+    (folder / "annotations.json").write_text(json.dumps(dataset))
+    return folder / "annotations.json"
+
+
+def polygon(x, y, w, h):
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
+def dataset(annotations=(), images=None, categories=None):
+    images = images or [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}]
+    categories = categories or [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    return {"images": images, "annotations": list(annotations), "categories": categories}
+
+
+def annotation(k, image_id=1, category_id=1, segmentation=None, **fields):
+    return {"id": k, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+            "segmentation": segmentation or [polygon(5, 5, 10, 8)], "bbox": [5, 5, 10, 8], **fields}  # fmt: skip
+
+
+def cache_of(tmp_path, data, **kwargs):
+    path = write_coco(tmp_path / "d", data, **kwargs)
+    return Cache(build(CocoSource(path), tmp_path / "c.h5", workers=0, progress=False)), path
+
+
+# --- rasterisation: exactly pycocotools' annToMask ---------------------------------------------------
+
+
+@st.composite
+def segmentations(draw, height, width):
+    kind = draw(st.sampled_from(["polygons", "rle", "compressed"]))
+    if kind == "polygons":
+        coordinate = st.floats(-5, max(height, width) + 5, allow_nan=False, width=32)
+        rings = draw(st.lists(st.lists(coordinate, min_size=6, max_size=16).filter(lambda r: len(r) % 2 == 0),
+                              min_size=1, max_size=3))  # fmt: skip
+        return rings
+    mask = draw(st.lists(st.booleans(), min_size=height * width, max_size=height * width))
+    mask = np.asfortranarray(np.array(mask, dtype=np.uint8).reshape(height, width))
+    if not mask.any():
+        mask[0, 0] = 1
+    rle = mask_util.encode(mask)
+    if kind == "compressed":
+        return {"size": [height, width], "counts": rle["counts"].decode()}
+    runs, flat, value, count = [], mask.flatten(order="F"), 0, 0
+    for pixel in flat:  # the uncompressed form: run lengths, starting with zeros
+        if pixel != value:
+            runs.append(count)
+            value, count = pixel, 0
+        count += 1
+    return {"size": [height, width], "counts": [*runs, count]}
+
+
+@st.composite
+def coco_cases(draw):
+    height, width = draw(st.integers(4, 24)), draw(st.integers(4, 24))
+    annotations = [
+        annotation(k, segmentation=draw(segmentations(height, width)), bbox=[0, 0, width, height])
+        for k in range(1, draw(st.integers(1, 4)) + 1)
+    ]
+    return dataset(annotations, images=[{"id": 7, "file_name": "a.png", "width": width, "height": height}])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(coco_cases())
+def test_masks_are_pycocotools_annToMask(tmp_path_factory, data):
+    for item in data["annotations"]:
+        item["image_id"] = 7
+    tmp_path = tmp_path_factory.mktemp("coco")
+    path = write_coco(tmp_path / "d", data)
+    source = CocoSource(path)
+    reference = COCO(str(path))
+    kept = [a for a in data["annotations"] if mask_util.area(reference.annToRLE(a)) > 0]
+    cache = Cache(build(source, tmp_path / "c.h5", workers=0, progress=False))
+    masks = cache.masks(0)
+    assert len(masks) == len(kept) and sum(source.skipped.values()) == len(data["annotations"]) - len(kept)
+    for mask, item in zip(masks, kept):
+        assert np.array_equal(mask, reference.annToMask(item))
+
+
+# --- what the tools write --------------------------------------------------------------------------
+
+
+def test_the_targets_are_the_references_conversion(tmp_path):
+    data = dataset(
+        [
+            annotation(1, segmentation=[polygon(2, 3, 10, 6)], bbox=[2, 3, 10, 6], area=55.5),
+            annotation(2, category_id=2, segmentation=[polygon(30, 20, 20, 20)], bbox=[30, 20, 20, 20]),  # cut off
+            annotation(3, segmentation=[polygon(0, 0, 40, 30)], bbox=[0, 0, 40, 30], iscrowd=1, area=1200),
+        ]
+    )  # fmt: skip  (the second has no area: from the mask, then)
+    cache, path = cache_of(tmp_path, data)
+    target = cache.target(0)
+    assert target["boxes"].tolist() == [[2, 3, 12, 9], [30, 20, 40, 30], [0, 0, 40, 30]]
+    assert target["labels"].tolist() == [1, 2, 1] and target["iscrowd"].tolist() == [0, 0, 1]
+    in_image = int(COCO(str(path)).annToMask(data["annotations"][1]).sum())
+    assert target["area"].tolist() == [55.5, in_image, 1200]
+    assert cache.classes == ("cat", "dog") and cache.category_ids == (1, 2) and cache.box_end == "exclusive"
+    assert cache.names == ["a.png"] and cache.source_ids.tolist() == [1]
+
+
+def test_roboflow_style_files_are_taken_as_they_come(tmp_path):
+    categories = [  # any order, ids not contiguous, an unused placeholder that is the supercategory of the rest
+        {"id": 7, "name": "dog", "supercategory": "animals"},
+        {"id": 0, "name": "animals", "supercategory": "none"},
+        {"id": 3, "name": "cat", "supercategory": "animals"},
+    ]
+    images = [
+        {"id": 100, "file_name": "train/x.jpg", "width": "40", "height": 30},  # numbers as strings
+        {"id": 205, "file_name": "train/sub/y.jpg", "width": 40, "height": 30},
+        {"id": 101, "file_name": "train/empty.jpg", "width": 40, "height": 30},  # a negative: no annotations
+    ]
+    data = dataset([
+        annotation(1, image_id=205, category_id=7, bbox=["5", "5", "10", "8.0"]),
+        annotation(2, image_id=100, category_id=3),
+    ], images=images, categories=categories)  # fmt: skip
+    cache, _ = cache_of(tmp_path, data, image_format="JPEG")
+    assert cache.classes == ("cat", "dog") and cache.category_ids == (3, 7)  # labels in id order, placeholder left out
+    assert cache.names == ["train/x.jpg", "train/sub/y.jpg", "train/empty.jpg"]
+    assert cache.source_ids.tolist() == [100, 205, 101]
+    assert cache.target(1)["labels"].tolist() == [2] and cache.target(0)["labels"].tolist() == [1]
+    assert cache.target(1)["boxes"].tolist() == [[5, 5, 15, 13]]
+    assert len(cache.target(2)["boxes"]) == 0 and cache.target(2)["masks"].shape == (0, 30, 40)
+    assert any("placeholder category 0 'animals'" in why for why in cache.skipped)
+
+
+def test_two_files_with_the_same_categories_get_the_same_labels(tmp_path):
+    categories = [{"id": 9, "name": "b"}, {"id": 2, "name": "a"}, {"id": 5, "name": "c"}]
+    train = dataset([annotation(1, category_id=5)], categories=categories)
+    valid = dataset([annotation(1, category_id=9), annotation(2, category_id=2)], categories=list(reversed(categories)))
+    train_cache, _ = cache_of(tmp_path / "train", train)
+    valid_cache, _ = cache_of(tmp_path / "valid", valid)
+    assert train_cache.classes == valid_cache.classes == ("a", "c", "b")
+    assert train_cache.target(0)["labels"].tolist() == [2] and valid_cache.target(0)["labels"].tolist() == [3, 1]
+
+
+def test_what_cannot_be_trained_on_is_skipped_and_counted(tmp_path, capsys):
+    data = dataset([
+        annotation(1),
+        annotation(2, segmentation=[[1, 1, 5, 5]]),  # two points
+        annotation(3, segmentation={"size": [30, 40], "counts": [1200]}),  # an empty mask
+        annotation(4, segmentation=[polygon(5, 5, 4, 4)], bbox=[50, 40, 5, 5]),  # its box outside the image
+        annotation(5, segmentation=[[1, 1, 5, 5], polygon(20, 10, 4, 4)]),  # one good ring is enough
+    ])  # fmt: skip
+    path = write_coco(tmp_path / "d", data)
+    status, stdout, _ = cli(
+        cache_main, ["build", "--source", "coco", "--annotations", str(path), "--out", str(tmp_path / "c.h5")], capsys
+    )
+    assert status == 0 and "skipped 1 annotations whose polygons" in stdout
+    cache = Cache(tmp_path / "c.h5")
+    assert len(cache.target(0)["boxes"]) == 2
+    assert cache.skipped == {SKIP_FEW_POINTS: 1, SKIP_EMPTY_MASK: 1, SKIP_NO_BOX: 1}
+    status, stdout, _ = cli(cache_main, ["info", str(tmp_path / "c.h5")], capsys)
+    assert status == 0 and f"1 {SKIP_EMPTY_MASK}" in stdout and "1 cat (id 1, 2 instances)" in stdout
+    status, stdout, _ = cli(cache_main, ["verify", str(tmp_path / "c.h5")], capsys)
+    assert status == 0 and stdout.startswith("OK")
+
+
+def test_encoded_and_raw_caches_of_jpeg_photos_agree(tmp_path):
+    data = dataset([annotation(1), annotation(2, category_id=2, segmentation=[polygon(1, 1, 30, 20)])])
+    path = write_coco(tmp_path / "d", data, image_format="JPEG")
+    raw = Cache(build(CocoSource(path), tmp_path / "raw.h5", workers=0, progress=False, pixels="raw"))
+    encoded = Cache(build(CocoSource(path), tmp_path / "enc.h5", workers=0, progress=False, pixels="encoded"))
+    assert bytes(encoded.encoded(0)) == (tmp_path / "d" / "a.png").read_bytes()  # a JPEG under a .png name, kept as is
+    assert np.array_equal(raw.image(0), encoded.image(0))
+    assert all(torch.equal(raw.target(0)[key], value) for key, value in encoded.target(0).items())
+
+
+# --- bad input: one line naming the file and the place ---------------------------------------------
+
+
+def _missing_key(data):
+    del data["annotations"][0]["image_id"]
+    return "annotations[0]: no 'image_id'"
+
+
+def _unknown_image(data):
+    data["annotations"][0]["image_id"] = 42
+    return "annotations[0].image_id: no image has id 42"
+
+
+def _unknown_category(data):
+    data["annotations"][0]["category_id"] = 42
+    return "annotations[0].category_id: no category has id 42"
+
+
+def _bad_bbox(data):
+    data["annotations"][0]["bbox"] = [1, 2, "wide", 4]
+    return "annotations[0].bbox: 'wide' is not a number"
+
+
+def _bad_rle(data):
+    data["annotations"][0]["segmentation"] = {"size": [30, 40], "counts": "not!an\x01rle"}
+    return "annotations[0].segmentation.counts: not a compressed RLE"
+
+
+def _rle_of_another_size(data):
+    data["annotations"][0]["segmentation"] = {"size": [10, 10], "counts": [100]}
+    return "annotations[0].segmentation.size"
+
+
+def _odd_polygon(data):
+    data["annotations"][0]["segmentation"] = [[1, 2, 3, 4, 5, 6, 7]]
+    return "annotations[0].segmentation[0]: a polygon is a flat list of x, y pairs"
+
+
+def _escaping_path(data):
+    data["images"][0]["file_name"] = "../outside.png"
+    return "images[0].file_name: '../outside.png' is outside"
+
+
+def _no_categories(data):
+    del data["categories"]
+    return "no 'categories' list"
+
+
+BAD = [_missing_key, _unknown_image, _unknown_category, _bad_bbox, _bad_rle, _rle_of_another_size, _odd_polygon,
+       _escaping_path, _no_categories]  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage", BAD, ids=lambda f: f.__name__[1:])
+def test_bad_annotations_are_one_line_naming_the_place(tmp_path, capsys, breakage):
+    good = dataset([annotation(1), annotation(2)])
+    path = write_coco(tmp_path / "d", good)
+    out = tmp_path / "c.h5"
+    assert cli(cache_main, ["build", "--source", "coco", "--annotations", str(path), "--out", str(out)], capsys)[0] == 0
+    before = out.read_bytes()
+    bad = copy.deepcopy(good)
+    reason = breakage(bad)
+    path.write_text(json.dumps(bad))
+    status, _, stderr = cli(
+        cache_main, ["build", "--source", "coco", "--annotations", str(path), "--out", str(out)], capsys
+    )
+    assert status == 2 and reason in stderr and str(path) in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert out.read_bytes() == before  # nothing written on error
+
+
+def test_json_that_does_not_parse_names_line_and_column(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('{"images": [],\n  "annotations": [}')
+    with pytest.raises(LeanError, match=r"not valid JSON \(line 2, column 19"):
+        CocoSource(path)
+
+
+def test_missing_or_unreadable_images_and_wrong_sizes_name_the_file(tmp_path):
+    path = write_coco(tmp_path / "d", dataset([annotation(1)]), sizes={"a.png": (30, 41)})
+    with pytest.raises(LeanError, match=r"a.png: is 41x30 but .* gives images\[0\] as 40x30"):
+        CocoSource(path).sizes()
+    (tmp_path / "d" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(LeanError, match=r"a\.png: not a readable image"):
+        CocoSource(path).sizes()
+    (tmp_path / "d" / "a.png").unlink()
+    with pytest.raises(LeanError, match=r"a.png: no such image file .* images\[0\]"):
+        CocoSource(path)
