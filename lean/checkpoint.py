@@ -93,7 +93,11 @@ class Checkpointer:
             "rng": _rng_state(),
             **dataclasses.asdict(position),
             "best_segm_ap": self.best_segm_ap,
-            "model_spec": {**dataclasses.asdict(self.spec), "class_names": list(self.spec.class_names)},
+            "model_spec": {
+                **dataclasses.asdict(self.spec),
+                "class_names": list(self.spec.class_names),
+                "category_ids": list(self.spec.category_ids),
+            },
             "config": self.config.to_dict(),
         }
         _save_atomically(state, self.last)

@@ -14,6 +14,7 @@ class TrainConfig:
 
     # data
     cache: Path = DEFAULT_CACHE
+    val_cache: Path | None = None  # evaluate on all of this cache, not on a split of `cache`
     test_size: int | None = None
     seed: int = 0
     # model
@@ -54,7 +55,7 @@ class TrainConfig:
         """The config a checkpoint stored; keys this version does not know are ignored, paths come back as paths."""
         known = {field.name: field for field in dataclasses.fields(cls)}
         kept = {key: value for key, value in values.items() if key in known}
-        for key in ("cache", "out"):
+        for key in ("cache", "val_cache", "out"):
             if kept.get(key) is not None:
                 kept[key] = Path(kept[key])
         if isinstance(kept.get("compile"), bool):  # checkpoints before the backend choice stored a flag

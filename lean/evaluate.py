@@ -14,6 +14,7 @@ id 1), annotation ids from 1, segmentation as RLE of the instance masks.
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from lean import checkpoint
 from lean.cache import Cache
 from lean.cli import Parser, run
+from lean.errors import LeanError
 from lean.loader import Loader, split_indices
 
 STAT_NAMES = (
@@ -92,7 +94,8 @@ def detections(indices, predictions):
 
 
 def coco_eval(cache, indices, predictions, verbose=True):
-    """{"bbox": stats, "segm": stats}, each stats dict holding the 12 COCO numbers by name and as "stats".
+    """{"bbox": stats, "segm": stats}, each stats dict holding the 12 COCO numbers by name and as "stats", and
+    "per_class": {class name: {"AP": ..., "AP50": ...}} (-1 for a class with no ground truth here).
 
     `predictions` are one torchvision output dict per index, in the order of `indices`.
     """
@@ -122,8 +125,44 @@ def coco_eval(cache, indices, predictions, verbose=True):
             with contextlib.redirect_stdout(quiet):
                 evaluator.summarize()
         stats = [float(value) for value in evaluator.stats]
-        report[kind] = {**dict(zip(STAT_NAMES, stats)), "stats": stats}
+        report[kind] = {
+            **dict(zip(STAT_NAMES, stats)),
+            "stats": stats,
+            "per_class": per_class(evaluator, cache.classes),
+        }
+    if verbose:
+        print(class_table(report))
     return report
+
+
+def per_class(evaluator, classes):
+    """{name: {"AP": ..., "AP50": ...}} from an accumulated COCOeval, as detectron2 reads its precision array."""
+    precision = evaluator.eval["precision"]  # IoU thresholds x recall x class x area range x max detections
+    table = {}
+    for k, name in enumerate(classes):
+        values = {"AP": precision[:, :, k, 0, -1], "AP50": precision[0, :, k, 0, -1]}
+        table[name] = {key: float(v[v > -1].mean()) if (v > -1).any() else -1.0 for key, v in values.items()}
+    return table
+
+
+def class_table(report):
+    """The per-class AP and AP50 of every kind in `report`, as a text table."""
+    kinds = [kind for kind in KINDS if kind in report]
+    names = list(report[kinds[0]]["per_class"]) if kinds else []
+    width = max([len("class"), *map(len, names)])
+    header = f"{'class':<{width}}" + "".join(f"  {kind + ' ' + stat:>9}" for kind in kinds for stat in ("AP", "AP50"))
+    rows = [
+        f"{name:<{width}}"
+        + "".join(f"  {report[kind]['per_class'][name][stat]:>9.3f}" for kind in kinds for stat in ("AP", "AP50"))
+        for name in names
+    ]
+    return "\n".join([header, *rows])
+
+
+def in_source_terms(cache, results):
+    """`detections` with the source's own image and category ids: COCO's results format for the source file."""
+    return [{**result, "image_id": int(cache.source_ids[result["image_id"]]),
+             "category_id": int(cache.category_ids[result["category_id"] - 1])} for result in results]  # fmt: skip
 
 
 @torch.no_grad()
@@ -160,24 +199,44 @@ def split_of(cache, name, seed, test_size):
 def parse_args(argv):
     parser = Parser(prog="python -m lean.evaluate", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a lean checkpoint (last.pt or best.pt)")
-    parser.add_argument("--cache", type=Path, help="default: the cache the run trained on")
-    parser.add_argument("--split", choices=["test", "train", "all"], default="test")
+    parser.add_argument("--cache", type=Path, help="default: the run's --val-cache, else the cache it trained on")
+    parser.add_argument(
+        "--split", choices=["test", "train", "all"], help="default: the run's held-out images, or all of another cache"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="write the stats here")
-    return parser.parse_args(argv)
+    parser.add_argument("--json", type=Path, help="write the stats, per class too, and the source image ids here")
+    parser.add_argument("--results", type=Path, help="write the detections here in COCO's results format")
+    args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--results", args.results)):  # before the work, not after it
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            parser.error(f"argument {flag}: {path} cannot be written (a folder, or in a folder that does not exist)")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    model, _, config = checkpoint.load_model(args.checkpoint, device)
-    cache = Cache(args.cache or config.cache)
-    indices = split_of(cache, args.split, config.seed, config.test_size)
-    report = coco_eval(cache, indices, predict_split(model, cache, indices, device))
+    model, spec, config = checkpoint.load_model(args.checkpoint, device)
+    path = args.cache or config.val_cache or config.cache
+    cache = Cache(path)
+    if cache.classes != spec.class_names:
+        raise LeanError(f"{path}: its classes {list(cache.classes)} are not the checkpoint's {list(spec.class_names)}")
+    split = args.split or ("test" if path == config.cache else "all")
+    indices = split_of(cache, split, config.seed, config.test_size)
+    predictions = predict_split(model, cache, indices, device)
+    report = coco_eval(cache, indices, predictions)
+    if args.results:
+        write_atomically(args.results, json.dumps(in_source_terms(cache, detections(indices, predictions))))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_atomically(args.json, json.dumps({**report, "image_ids": cache.source_ids[indices].tolist()}, indent=1))
     print(json.dumps({kind: round(values["AP"], 4) for kind, values in report.items()}), file=sys.stderr)
     return 0
+
+
+def write_atomically(path, text):
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

@@ -58,11 +58,16 @@ class ModelSpec:
     min_size: int = 800
     max_size: int = 1333
     pretrained: bool = True
+    category_ids: tuple[int, ...] | None = None  # each class's id in the data it came from; default 1..K
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise LeanError(f"unknown backbone {self.backbone!r}; lean builds {', '.join(BACKBONES)}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        ids = range(1, len(self.class_names) + 1) if self.category_ids is None else self.category_ids
+        object.__setattr__(self, "category_ids", tuple(int(i) for i in ids))
+        if len(self.category_ids) != len(self.class_names):
+            raise ValueError(f"{len(self.class_names)} class names but {len(self.category_ids)} category ids")
 
     @property
     def num_classes(self):

@@ -183,6 +183,7 @@ class TrainingLog:
 
     def evaluation(self, epoch, report):
         self.record({"epoch": epoch, **{kind: values["stats"] for kind, values in report.items()}})
+        self.record({"epoch": epoch, "per_class": {kind: values["per_class"] for kind, values in report.items()}})
 
     def record(self, entry):
         if self.metrics:

@@ -11,28 +11,25 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from lean.checkpoint import load_model
 from lean.cli import Parser, run
 from lean.errors import LeanError
+from lean.images import decode_rgb
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
 
 def read_image(path):
-    """3 x H x W uint8 RGB tensor of a PNG or JPEG file."""
+    """3 x H x W uint8 RGB tensor of an image file (lean.images' decoder, as everywhere else)."""
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise LeanError(
-            f"{path}: not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-        ) from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise LeanError(f"{path}: not a readable image ({error.strerror or error})") from None
+    return decode_rgb(data, path)
 
 
 def keep_confident(prediction, score_thresh):
@@ -40,17 +37,13 @@ def keep_confident(prediction, score_thresh):
     return {key: value[keep] for key, value in prediction.items()}
 
 
-def class_name(label, class_names):
-    return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-
-
-def draw(image, prediction, class_names):
-    """The image with the prediction's masks, boxes and scores drawn over it."""
-    colours = [PALETTE[k % len(PALETTE)] for k in range(len(prediction["scores"]))]
+def draw(image, prediction, spec):
+    """The image with the prediction's masks, boxes, class names and scores drawn over it, a colour a class."""
+    colours = [PALETTE[(int(label) - 1) % len(PALETTE)] for label in prediction["labels"]]
     if len(colours):
         image = draw_segmentation_masks(image, prediction["masks"][:, 0] > 0.5, alpha=0.45, colors=colours)
         labels = [
-            f"{class_name(int(label), class_names)} {score:.2f}"
+            f"{spec.class_names[int(label) - 1]} {score:.2f}"
             for label, score in zip(prediction["labels"], prediction["scores"])
         ]
         image = draw_bounding_boxes(image, prediction["boxes"], labels=labels, colors=colours, width=2)
@@ -63,12 +56,13 @@ def save_png(image, path):
     os.replace(temporary, path)
 
 
-def as_json(path, prediction, class_names):
+def as_json(path, prediction, spec):
     return json.dumps({
         "image": str(path),
         "detections": [
             {
-                "label": class_name(int(label), class_names),
+                "label": spec.class_names[int(label) - 1],
+                "category_id": spec.category_ids[int(label) - 1],
                 "score": round(float(score), 4),
                 "box": [round(v, 1) for v in box.tolist()],
             }
@@ -104,8 +98,8 @@ def main(argv=None):
             continue
         prediction = {key: value.cpu() for key, value in model([image.to(device)])[0].items()}
         prediction = keep_confident(prediction, args.score_thresh)
-        save_png(draw(image, prediction, spec.class_names), args.out / f"{path.stem}.png")
-        print(as_json(path, prediction, spec.class_names), flush=True)
+        save_png(draw(image, prediction, spec), args.out / f"{path.stem}.png")
+        print(as_json(path, prediction, spec), flush=True)
     return 1 if failed else 0
 
 

@@ -1,11 +1,15 @@
-"""A generated PennFudan-format dataset: pedestrian-like figures on textured backgrounds.
+"""A generated dataset: pedestrian-like figures on textured backgrounds, and with --classes K, K kinds of figure.
 
-Identical for identical (num_images, seed): each image is a pure function of
-(seed, index), so build workers can make their share independently. Figures
-are upright (head, torso, two legs) and vary in size, colour and texture;
-0 to 6 per image, nearer ones (lower feet) drawn over farther ones, some cut
-by the image border. Small images and strong shapes make it learnable by
-Mask R-CNN from scratch in minutes on a CPU.
+Identical for identical (num_images, seed, classes): each image is a pure
+function of (seed, index), so build workers can make their share
+independently. With one class (the default), figures are upright (head,
+torso, two legs) and vary in size, colour and texture; 0 to 6 per image,
+nearer ones (lower feet) drawn over farther ones, some cut by the image
+border: a PennFudan-like set. With K classes, figures of K kinds (person,
+disc, block, triangle, cross) are drawn translucent, so where they overlap
+both show, and each instance's mask is its whole figure: masks overlap.
+Small images and strong shapes make either learnable by Mask R-CNN from
+scratch in minutes on a CPU.
 """
 
 import hashlib
@@ -14,11 +18,13 @@ import io
 import numpy as np
 from PIL import Image
 
-from lean.example import from_instance_map
-from lean.targets import compact_instance_map
+from lean.example import Example, from_instance_map
+from lean.targets import areas_of, boxes_of_masks, compact_instance_map
 
 MIN_SIDE, MAX_SIDE = 128, 224
 MAX_FIGURES = 6
+KINDS = ("person", "disc", "block", "triangle", "cross")
+OPACITY = 0.65  # of a figure drawn over others, with --classes K: what lies under it still shows
 
 
 def _rng(seed, index):
@@ -89,20 +95,67 @@ def _figure_parts(rng, figure, rows, cols):
     return [(head, skin), (torso, rng.uniform(0, 255, size=3)), (legs, rng.uniform(0, 255, size=3))]
 
 
+def synthesize_classes(seed, index, classes):
+    """(H x W x 3 uint8 image, N x H x W uint8 masks, (N,) int64 labels 1..classes) of image `index`: figures of
+    `classes` kinds, translucent, their masks whole where they overlap."""
+    rng = _rng([seed, classes], index)
+    height, width = image_size(seed, index)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = _background(rng, rows, cols)
+    masks, labels = [], []
+    for _ in range(rng.integers(0, MAX_FIGURES + 1)):
+        label = int(rng.integers(1, classes + 1))
+        figure = _figure_layout(rng, height, width)
+        shape = _shape(KINDS[label - 1], rng, figure, rows, cols)
+        if not shape.any():  # wholly outside the image
+            continue
+        colour = rng.uniform(0, 255, size=3)
+        texture = rng.normal(0, figure["texture"], size=3) * np.sin(rows * figure["stripe"])[..., None]
+        image[shape] = (1 - OPACITY) * image[shape] + OPACITY * np.clip(colour + texture[shape], 0, 255)
+        masks.append(shape)
+        labels.append(label)
+    masks = np.array(masks, dtype=np.uint8).reshape(-1, height, width)
+    return image.astype(np.uint8), masks, np.array(labels, dtype=np.int64)
+
+
+def _shape(kind, rng, figure, rows, cols):
+    """The boolean mask of a figure of `kind`, laid out as `figure` (the person's layout) says."""
+    if kind == "person":
+        mask = np.zeros(rows.shape, dtype=bool)
+        for part, _ in _figure_parts(rng, figure, rows, cols):
+            mask |= part
+        return mask
+    tall, wide, x, feet = figure["tall"], figure["wide"] * 2, figure["centre"], figure["feet"]
+    y = feet - tall / 2  # the figure's middle
+    if kind == "disc":
+        return ((rows - y) / (tall / 2)) ** 2 + ((cols - x) / (wide / 2)) ** 2 <= 1
+    if kind == "block":
+        return (np.abs(rows - y) <= tall / 2) & (np.abs(cols - x) <= wide / 2)
+    if kind == "triangle":  # apex up
+        return (rows <= feet) & (np.abs(cols - x) <= (rows - (feet - tall)) * wide / (2 * tall))
+    bar = min(tall, wide) / 6  # a cross
+    return ((np.abs(rows - y) <= bar) & (np.abs(cols - x) <= wide / 2)) | (
+        (np.abs(cols - x) <= bar) & (np.abs(rows - y) <= tall / 2)
+    )
+
+
 class SyntheticSource:
     kind = "synthetic"
-    classes = ("person",)
-    category_ids = (1,)
 
-    def __init__(self, num_images, seed):
-        self.num_images, self.seed = int(num_images), int(seed)
+    def __init__(self, num_images, seed, classes=1):
+        if not 1 <= classes <= len(KINDS):
+            raise ValueError(f"{classes} classes: the synthetic source draws 1 to {len(KINDS)} kinds of figure")
+        self.num_images, self.seed, self.num_classes = int(num_images), int(seed), int(classes)
+        self.classes = KINDS[: self.num_classes]
+        self.category_ids = tuple(range(1, self.num_classes + 1))
         self.names = [f"Synthetic{seed:04d}_{i:05d}" for i in range(self.num_images)]
 
     def __len__(self):
         return self.num_images
 
     def params(self):
-        return {"source": self.kind, "num_images": self.num_images, "seed": self.seed}
+        params = {"source": self.kind, "num_images": self.num_images, "seed": self.seed}
+        return params if self.num_classes == 1 else {**params, "classes": self.num_classes}
 
     def source_ids(self):
         return list(range(self.num_images))
@@ -111,14 +164,28 @@ class SyntheticSource:
         return np.array([image_size(self.seed, i) for i in range(self.num_images)], dtype=np.int64).reshape(-1, 2)
 
     def encoded_sizes(self):
-        return np.array([len(_png(synthesize(self.seed, i)[0])) for i in range(self.num_images)], dtype=np.int64)
+        return np.array([len(_png(self._pixels(i))) for i in range(self.num_images)], dtype=np.int64)
+
+    def _pixels(self, i):
+        return (
+            synthesize(self.seed, i)[0]
+            if self.num_classes == 1
+            else synthesize_classes(self.seed, i, self.num_classes)[0]
+        )
 
     def load(self, i, encoded=False):
-        image, id_map = synthesize(self.seed, i)
-        digest = hashlib.sha256(image.tobytes() + id_map.tobytes()).digest()
-        if encoded:
-            return from_instance_map(id_map, digest, encoded=_png(image))
-        return from_instance_map(id_map, digest, pixels=image)
+        if self.num_classes == 1:
+            image, id_map = synthesize(self.seed, i)
+            digest = hashlib.sha256(image.tobytes() + id_map.tobytes()).digest()
+            if encoded:
+                return from_instance_map(id_map, digest, encoded=_png(image))
+            return from_instance_map(id_map, digest, pixels=image)
+        image, masks, labels = synthesize_classes(self.seed, i, self.num_classes)
+        boxes = boxes_of_masks(masks)
+        digest = hashlib.sha256(image.tobytes() + masks.tobytes() + labels.tobytes()).digest()
+        pixels, data = (None, _png(image)) if encoded else (image, None)
+        crowd = np.zeros(len(labels), dtype=np.int64)
+        return Example(image.shape[:2], masks, boxes, areas_of(boxes), labels, crowd, digest, pixels, data)
 
 
 def _png(image):

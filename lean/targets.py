@@ -65,6 +65,15 @@ def boxes_of(id_map, ids):
     return boxes
 
 
+def boxes_of_masks(masks):
+    """(N, 4) float32 boxes [x0, y0, x1, y1] of N x H x W masks, inclusive as boxes_of's."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for n, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes[n] = cols[0], rows[0], cols[-1], rows[-1]
+    return boxes
+
+
 def areas_of(boxes):
     """The tutorial's box area, (y1 - y0) * (x1 - x0): zero for a one-pixel-thin instance."""
     return ((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])).astype(np.float32)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lean import checkpoint, distributed
@@ -52,12 +53,11 @@ def train(config, device, process):
     if process.distributed and device.type == "cuda":
         device = torch.device("cuda", process.local_rank)
     out = run_folder(config, process)
-    cache = open_cache(config.cache)
-    train_indices, test_indices = split(cache, config)
+    cache, train_indices, test_cache, test_indices = datasets(config)
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8)  # fmt: skip
     speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
-    spec, model = make_model(config, speed, device, process)
+    spec, model = make_model(config, cache, speed, device, process)
     optimizer = make_optimizer(model, config.lr, config.optimizer, config.weight_decay)
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
@@ -84,7 +84,7 @@ def train(config, device, process):
                 iteration = train_one_epoch(step, loader, epoch, iteration, total_iterations, monitor, log, stop)
                 segm_ap = None
                 if process.main and not stop.received and evaluation_due(config, epoch, iteration >= total_iterations):
-                    report = evaluate(model, cache, test_indices, device, speed.amp)
+                    report = evaluate(model, test_cache, test_indices, device, speed.amp)
                     log.evaluation(epoch, report)
                     segm_ap = report["segm"]["AP"]
                 checkpointer.save(position_after(iteration, len(loader)), segm_ap)
@@ -114,27 +114,40 @@ def run_folder(config, process):
     return out
 
 
-def open_cache(path):
+def open_cache(path, flag="--cache"):
     if not path.exists():
         if path != DEFAULT_CACHE:
-            raise LeanError(f"--cache {path}: no such file; build it with python -m lean.cache build --out {path}")
+            raise LeanError(f"{flag} {path}: no such file; build it with python -m lean.cache build --out {path}")
         print(f"{path} is missing: building it first (python -m lean.cache build)", file=sys.stderr)
         build_cache(PennFudanSource(default_root()), path)
     return Cache(path)
 
 
-def split(cache, config):
+def datasets(config):
+    """(the training cache, its images to train on, the cache to evaluate on, its images to evaluate): a seeded
+    split of --cache, or all of --cache and all of --val-cache."""
+    cache = open_cache(config.cache)
+    if config.val_cache:
+        val = open_cache(config.val_cache, "--val-cache")
+        if (val.classes, val.category_ids) != (cache.classes, cache.category_ids):
+            theirs, ours = (
+                f"{list(val.classes)} (ids {list(val.category_ids)})",
+                f"{list(cache.classes)} (ids {list(cache.category_ids)})",
+            )
+            raise LeanError(f"--val-cache {val.path}: its classes {theirs} are not the training cache's {ours}")
+        return cache, np.arange(len(cache)), val, np.arange(len(val))
     try:
-        return split_indices(len(cache), config.seed, config.test_size)
+        train_indices, test_indices = split_indices(len(cache), config.seed, config.test_size)
     except ValueError as error:
         raise LeanError(f"--test-size: {error}") from None
+    return cache, train_indices, cache, test_indices
 
 
-def make_model(config, speed, device, process):
-    """(ModelSpec, model on `device` with `speed` applied) from --backbone, --weights and the sizes."""
-    spec = ModelSpec(
-        config.backbone, ("person",), config.min_size, config.max_size, pretrained=config.weights != "none"
-    )
+def make_model(config, cache, speed, device, process):
+    """(ModelSpec, model on `device` with `speed` applied) for the cache's classes, from --backbone, --weights and
+    the sizes."""
+    pretrained = config.weights != "none"
+    spec = ModelSpec(config.backbone, cache.classes, config.min_size, config.max_size, pretrained, cache.category_ids)
     state = None
     if config.weights not in ("coco", "none"):
         try:
@@ -163,6 +176,7 @@ def parse_args(argv):
     )
     data = parser.add_argument_group("data")
     data.add_argument("--cache", type=Path, default=defaults.cache, help="built on first use from PennFudan if missing")
+    data.add_argument("--val-cache", type=Path, help="evaluate on all of this cache (e.g. from valid.json) instead")
     data.add_argument(
         "--test-size", type=int, help="images held out for evaluation (default: 50, or a fifth of a small set)"
     )

@@ -131,7 +131,8 @@ def test_perfect_predictions_score_one(folder_cache, capsys):
     report = coco_eval(cache, indices, perfect(cache, indices))
     for kind in ("bbox", "segm"):
         assert report[kind]["AP"] == pytest.approx(1.0) and report[kind]["AP50"] == pytest.approx(1.0)
-        assert list(report[kind]) == [*STAT_NAMES, "stats"] and len(report[kind]["stats"]) == 12
+        assert list(report[kind]) == [*STAT_NAMES, "stats", "per_class"] and len(report[kind]["stats"]) == 12
+        assert report[kind]["per_class"] == {"person": {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}}
     printed = capsys.readouterr().out
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed and printed.count("Average Precision") == 12
 
@@ -198,7 +199,7 @@ def test_evaluate_command_writes_json(trained_run, tmp_path, capsys):
         capsys,
     )
     report = json.loads((tmp_path / "s.json").read_text())
-    assert status == 0 and set(report) == {"bbox", "segm"} and len(report["segm"]["stats"]) == 12
+    assert status == 0 and set(report) == {"bbox", "segm", "image_ids"} and len(report["segm"]["stats"]) == 12
     assert "IoU metric: segm" in stdout
 
 
@@ -283,4 +284,4 @@ def test_predict_draws_each_image_and_reports_the_unreadable_one(trained_run, sm
     for path in (good[0], good[1], jpeg):
         drawn = Image.open(tmp_path / "out" / f"{path.stem}.png")
         assert drawn.size == Image.open(path).size and drawn.mode == "RGB"
-    assert all(set(d) == {"label", "score", "box"} for line in lines for d in line["detections"])
+    assert all(set(d) == {"label", "category_id", "score", "box"} for line in lines for d in line["detections"])

@@ -367,11 +367,12 @@ def test_two_ddp_processes_keep_identical_weights_on_disjoint_shards(tiny_cache)
     assert not set(seen0) & set(seen1) and sorted(seen0 + seen1) == list(range(10))
 
 
-def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(tiny_cache, tmp_path):
+def test_torchrun_trains_with_two_processes_on_three_classes_and_only_rank_0_writes(tmp_path):
+    classes = build(SyntheticSource(10, seed=11, classes=3), tmp_path / "classes.h5", workers=0, progress=False)
     command = [
         sys.executable,
         *"-m torch.distributed.run --standalone --nproc_per_node=2 -m lean.train --cache".split(),
-        str(tiny_cache),
+        str(classes),
         *SMALL,
         *"--test-size 2 --no-compile --no-eval --max-iters 2 --out".split(),
         str(tmp_path / "ddp"),
@@ -380,4 +381,5 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(tiny_cache, t
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("training mobilenet_v3_fpn") == 1  # rank 0 alone logs
     assert "x 2 process(es)" in result.stdout
-    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["iteration"] == 2
+    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["model_spec"]["class_names"] == ["person", "disc", "block"]

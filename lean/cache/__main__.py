@@ -18,7 +18,7 @@ from lean.coco import CocoSource
 from lean.errors import LeanError
 from lean.progress import Progress
 from lean.sources import PennFudanSource, default_root
-from lean.synthetic import SyntheticSource
+from lean.synthetic import KINDS, SyntheticSource
 from lean.targets import is_degenerate
 
 DEFAULT_OUT = {"pennfudan": Path("cache/pennfudan.h5"), "synthetic": Path("cache/synthetic.h5")}
@@ -46,6 +46,7 @@ def parse_args(argv):
     make.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per core)")
     make.add_argument("--num-images", type=int, default=200, help="synthetic source: how many images")
     make.add_argument("--seed", type=int, default=0, help="synthetic source: which images")
+    make.add_argument("--classes", type=int, default=1, help=f"synthetic source: kinds of figure, 1 to {len(KINDS)}")
 
     describe = commands.add_parser("info", help="what a cache holds")
     describe.add_argument("path", type=Path)
@@ -62,6 +63,10 @@ def parse_args(argv):
             parser.error(f"argument --workers: must be 0 or more, got {args.workers}")
         if args.num_images < 1:
             parser.error(f"argument --num-images: must be at least 1, got {args.num_images}")
+        if not 1 <= args.classes <= len(KINDS):
+            parser.error(f"argument --classes: must be 1 to {len(KINDS)}, got {args.classes}")
+        if args.source != "synthetic" and args.classes != 1:
+            parser.error("argument --classes: applies to --source synthetic only")
         if args.source != "pennfudan" and args.root is not None:
             parser.error("argument --root: applies to --source pennfudan only")
         if (args.source == "coco") != (args.annotations is not None):
@@ -73,7 +78,7 @@ def parse_args(argv):
 
 def source_from(args):
     if args.source == "synthetic":
-        return SyntheticSource(args.num_images, args.seed)
+        return SyntheticSource(args.num_images, args.seed, args.classes)
     if args.source == "coco":
         return CocoSource(args.annotations, args.images)
     return PennFudanSource(default_root(args.root))
@@ -118,7 +123,7 @@ def command_verify(args):
     cache = Cache(args.path)
     params = cache.params
     if params.get("source") == "synthetic":
-        source = SyntheticSource(params["num_images"], params["seed"])
+        source = SyntheticSource(params["num_images"], params["seed"], params.get("classes", 1))
     elif params.get("source") == "coco":
         annotations = args.annotations or Path(params["annotations"])
         if not annotations.is_file():
