@@ -253,3 +253,35 @@ def test_missing_or_unreadable_images_and_wrong_sizes_name_the_file(tmp_path):
     (tmp_path / "d" / "a.png").unlink()
     with pytest.raises(LeanError, match=r"a.png: no such image file .* images\[0\]"):
         CocoSource(path)
+
+
+# --- export: any cache out as COCO, and back ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["pennfudan", "synthetic_classes", "coco_encoded"])
+def test_building_from_an_export_gives_the_same_targets(which, small_folder, tmp_path, capsys):
+    from lean.sources import PennFudanSource
+    from lean.synthetic import SyntheticSource
+
+    if which == "pennfudan":
+        source, pixels = PennFudanSource(small_folder), "raw"
+    elif which == "synthetic_classes":
+        source, pixels = SyntheticSource(8, seed=4, classes=3), "raw"
+    else:
+        data = dataset([annotation(1), annotation(2, category_id=2, segmentation=[polygon(1, 1, 30, 20)])])
+        source, pixels = CocoSource(write_coco(tmp_path / "d", data, image_format="JPEG")), "encoded"
+    original = Cache(build(source, tmp_path / "original.h5", workers=0, progress=False, pixels=pixels))
+    status, _, _ = cli(
+        cache_main, ["export", str(tmp_path / "original.h5"), "--coco", str(tmp_path / "export")], capsys
+    )
+    assert status == 0
+    assert COCO(str(tmp_path / "export" / "annotations.json")).getImgIds()  # pycocotools reads it
+    again = Cache(build(CocoSource(tmp_path / "export" / "annotations.json"), tmp_path / "again.h5", workers=0,
+                        progress=False, pixels=pixels))  # fmt: skip
+    assert again.classes == original.classes and again.category_ids == original.category_ids
+    assert again.source_ids.tolist() == original.source_ids.tolist()
+    for i in range(len(original)):
+        assert np.array_equal(again.image(i), original.image(i))
+        want, got = original.target(i), again.target(i)
+        for key in want:
+            assert torch.equal(got[key], want[key]), (which, i, key)

@@ -1,8 +1,9 @@
-"""python -m lean.cache build|info|verify: make, describe and check a cache.
+"""python -m lean.cache build|info|verify|export: make, describe, check and write out a cache.
 
 build --source pennfudan [--root DIR]                  a PennFudan folder
 build --source coco --annotations FILE [--images DIR]  a COCO JSON and its images (default: its folder)
-build --source synthetic [--num-images N --seed S]     generated pedestrians
+build --source synthetic [--num-images N --seed S]     generated pedestrians (--classes K: K kinds)
+export CACHE --coco DIR                                DIR/annotations.json and the images, for any COCO tool
 """
 
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lean.cache.export import export_coco
 from lean.cache.reader import Cache
 from lean.cache.verify import first_mismatch
 from lean.cache.writer import PIXELS, build
@@ -56,6 +58,10 @@ def parse_args(argv):
     check.add_argument("--root", type=Path, help="PennFudan folder, if not where the cache was built from")
     check.add_argument("--annotations", type=Path, help="COCO JSON, if not where the cache was built from")
     check.add_argument("--images", type=Path, help="COCO images folder, if not where the cache was built from")
+
+    write = commands.add_parser("export", help="write a cache out as images and a COCO JSON")
+    write.add_argument("path", type=Path)
+    write.add_argument("--coco", type=Path, required=True, help="folder for annotations.json and the images")
 
     args = parser.parse_args(argv)
     if args.command == "build":
@@ -142,9 +148,16 @@ def command_verify(args):
     return 0
 
 
+def command_export(args):
+    cache = Cache(args.path)
+    path = export_coco(cache, args.coco, Progress(len(cache), "export"))
+    print(f"wrote {path} and {len(cache)} images beside it")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    return {"build": command_build, "info": command_info, "verify": command_verify}[args.command](args)
+    commands = {"build": command_build, "info": command_info, "verify": command_verify, "export": command_export}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

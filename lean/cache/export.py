@@ -1,0 +1,80 @@
+"""Write any cache back out as images and a COCO JSON, for any COCO tool to read and for lean to build again.
+
+DIR/annotations.json lists the images by their source ids, their instances (bbox [x0, y0, x1 - x0,
+y1 - y0] of the cached box, as lean's evaluation takes it; area, iscrowd; the mask as compressed RLE)
+and the categories by their source ids. Each image goes to DIR/<its name>: the stored file itself
+from a cache of encoded pixels, a PNG of the pixels from a raw one. Building from the export gives
+the same targets, but for instances with a zero-width or zero-height box, which a COCO source skips.
+"""
+
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from lean.errors import LeanError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def export_coco(cache, folder, progress=None):
+    """Write `cache` to `folder` (created if missing) as images and annotations.json; returns the JSON's path."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LeanError(f"{folder}: cannot create folder ({error.strerror or error})") from None
+    images, annotations = [], []
+    for i in range(len(cache)):
+        name = _file_name(cache, i)
+        _write_image(cache, i, folder, name)
+        height, width = (int(side) for side in cache.sizes[i])
+        image_id = int(cache.source_ids[i])
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        fields = cache.instance_targets(i)
+        for box, area, label, crowd, mask in zip(*fields.values(), cache.masks(i)):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            rle = mask_util.encode(np.asfortranarray(mask))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": cache.category_ids[int(label) - 1],
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd),
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+            })  # fmt: skip
+        if progress:
+            progress.update()
+    categories = [{"id": int(c), "name": name} for c, name in zip(cache.category_ids, cache.classes)]
+    path = folder / "annotations.json"
+    _write_atomically(path, json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def _file_name(cache, i):
+    """The image's name, with the suffix of the bytes written: its own from an encoded cache, .png from a raw one."""
+    name = PurePosixPath(cache.names[i])
+    if name.is_absolute() or ".." in name.parts:
+        raise LeanError(f"{cache.path}: image {i} is named {cache.names[i]!r}, which would leave the export folder")
+    if cache.stored == "encoded":
+        return str(name)
+    return str(
+        name.with_suffix(".png") if name.suffix.lower() in IMAGE_SUFFIXES else name.with_name(name.name + ".png")
+    )
+
+
+def _write_image(cache, i, folder, name):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    if cache.stored == "encoded":
+        temporary.write_bytes(bytes(cache.encoded(i)))
+    else:
+        Image.fromarray(np.ascontiguousarray(cache.image(i))).save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+def _write_atomically(path, text):
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
