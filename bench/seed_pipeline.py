@@ -152,3 +152,65 @@ def seed_evaluate(root, indices, predictions):
             evaluator.summarize()
             stats[kind] = [float(value) for value in evaluator.stats]
     return stats
+
+
+class ReferencesCoco(torch.utils.data.Dataset):
+    """The COCO data path of torchvision's references/detection, written here from its description: the
+    annotation file read with pycocotools, and per item the image decoded with PIL, crowd annotations
+    dropped, every polygon rasterised with pycocotools, boxes from bbox as [x, y, x + w, y + h] clipped to
+    the image, degenerate boxes dropped, the image made a uint8 tensor (as lean's loader hands it over)."""
+
+    def __init__(self, annotations, images):
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+
+        self.folder = images
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(str(annotations))
+        self.ids = sorted(self.coco.imgs)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = Image.open(os.path.join(self.folder, info["file_name"])).convert("RGB")
+        annotations = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        width, height = image.size
+        boxes = torch.as_tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=width)
+        boxes[:, 1::2].clamp_(min=0, max=height)
+        masks = _polygons_to_masks([a["segmentation"] for a in annotations], height, width)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        target = {
+            "boxes": boxes[keep],
+            "labels": torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)[keep],
+            "masks": masks[keep],
+            "image_id": image_id,
+            "area": torch.tensor([a["area"] for a in annotations], dtype=torch.float32)[keep],
+            "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
+        }
+        return F.pil_to_tensor(image), target
+
+
+def _polygons_to_masks(segmentations, height, width):
+    from pycocotools import mask as mask_util
+
+    masks = []
+    for polygons in segmentations:
+        rles = mask_util.frPyObjects(polygons, height, width)
+        mask = torch.as_tensor(mask_util.decode(rles), dtype=torch.uint8)
+        masks.append(mask.any(dim=2) if mask.dim() == 3 else mask)
+    if not masks:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    return torch.stack(masks).to(torch.uint8)
+
+
+def references_coco_loader(annotations, images, batch_size=2, workers=2):
+    return torch.utils.data.DataLoader(
+        ReferencesCoco(annotations, images), batch_size=batch_size, num_workers=workers, collate_fn=collate
+    )

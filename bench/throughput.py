@@ -308,6 +308,50 @@ def train_section(root, steps, warmup, min_size, max_size, device, inductor, scr
             torch.cuda.empty_cache()
 
 
+def coco_section(repeats, scratch, count):
+    """COCO-format photos (bench.coco_data): the references' COCO data path against lean's Loader on raw and on
+    encoded pixels, batches of 2, uint8 images; and what the caches take on disk."""
+    from bench.coco_data import generate
+    from bench.seed_pipeline import references_coco_loader
+    from lean.coco import CocoSource
+
+    annotations = generate(scratch / "coco", count)
+    source = CocoSource(annotations)
+    rows, caches = [], {}
+    for pixels in ("raw", "encoded"):
+        path = scratch / f"coco-{pixels}.h5"
+        build_s = median_seconds(lambda path=path, pixels=pixels: build(source, path, progress=False, pixels=pixels), 1)
+        caches[pixels] = Cache(path)
+        rows.append(("coco", f"cache build, {count} photos, {pixels} pixels, seconds", "-", 0.0, build_s, float("nan")))
+    references = count / median_seconds(seed_epoch_of(references_coco_loader(annotations, annotations.parent)), repeats)
+    baseline = "references' CocoDetection + polygon masks, DataLoader, 2 workers"
+    for pixels, cache in caches.items():
+        rate = count / median_seconds(
+            loader_epoch(Loader(cache, batch_size=2, device="cpu", dtype=torch.uint8)), repeats
+        )
+        rows.append(
+            ("coco", f"Loader on CPU, {pixels} pixels, uint8, images/s", baseline, references, rate, rate / references)
+        )
+    jpegs = sum(image["path"].stat().st_size for image in source.images)
+    masks = int(caches["encoded"].mask_offsets[-1])
+    encoded = os.path.getsize(scratch / "coco-encoded.h5")
+    files = jpegs + masks
+    rows.append(("coco", "encoded cache, MB (ratio: cache / files)", "the JPEG files + lean's masks", files / 1e6,
+                 encoded / 1e6, encoded / files))  # fmt: skip
+    maps = int((caches["raw"].sizes[:, 0] * caches["raw"].sizes[:, 1]).sum())
+    rows.append(("coco", "masks, MB (ratio: maps / masks)", "per-pixel instance maps (format 1)", maps / 1e6,
+                 masks / 1e6, maps / masks))  # fmt: skip
+    return rows
+
+
+def seed_epoch_of(loader):
+    def work():
+        for _batch in loader:
+            pass
+
+    return work
+
+
 def eval_section(root, repeats, scratch):
     """Seconds to score the 50 test images (bbox + segm) the references' way against lean.evaluate, same predictions."""
     from bench.seed_pipeline import seed_evaluate
@@ -362,7 +406,10 @@ def print_row(section, measure, baseline, seed, lean, ratio):
 def parse_args(argv):
     parser = Parser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--root", type=Path, help="PennFudan folder (default: as lean.cache build finds it)")
-    parser.add_argument("--sections", nargs="+", choices=["data", "train", "eval"], default=["data", "train", "eval"])
+    parser.add_argument(
+        "--sections", nargs="+", choices=["data", "coco", "train", "eval"], default=["data", "train", "eval"]
+    )
+    parser.add_argument("--coco-images", type=int, default=500, help="photos in the coco section's dataset")
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per side")
     parser.add_argument("--train-warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--min-size", type=int, default=320)
@@ -396,6 +443,7 @@ def main(argv=None):
         sections = {
             "data": lambda: data_section(root, args.repeats, Path(scratch)),
             "eval": lambda: eval_section(root, args.repeats, Path(scratch)),
+            "coco": lambda: coco_section(args.repeats, Path(scratch), args.coco_images),
             "train": lambda: train_section(
                 root,
                 args.train_steps,
@@ -407,7 +455,7 @@ def main(argv=None):
                 Path(scratch),
             ),
         }
-        for name in ("data", "eval", "train"):
+        for name in ("data", "coco", "eval", "train"):
             if name in args.sections:
                 for row in sections[name]():  # printed as measured: a long run shows its figures as it goes
                     print_row(*row)
