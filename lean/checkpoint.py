@@ -16,6 +16,7 @@ model from it alone. Checkpoints of version 1 (no format mark, the command line'
 """
 
 import dataclasses
+import fcntl
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lean.config import TrainConfig
-from lean.errors import LeanError
+from lean.errors import LeanError, reason
 from lean.model import ModelSpec, build_model
 
 FORMAT = "lean-checkpoint"
@@ -56,6 +57,44 @@ class RunState:
     scaler: torch.amp.GradScaler
 
 
+class RunFolder:
+    """A run's output folder, held while the run writes to it: created if missing, locked so that a second run
+    on it is refused in one line naming the first, and cleared of the temporary files a killed run left.
+    Only the main process of a torchrun holds it; the others write nothing."""
+
+    def __init__(self, path, main=True):
+        self.path, self.main, self.lock = Path(path), main, None
+
+    def __enter__(self):
+        if not self.main:
+            return self.path
+        if self.path.exists() and not self.path.is_dir():
+            raise LeanError(f"--out {self.path}: is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path / ".lock", "a+")  # held until __exit__
+        except OSError as error:
+            raise LeanError(f"--out {self.path}: cannot write there ({error.strerror or error})") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.seek(0)
+            other = self.lock.read().strip() or "another process"
+            self.lock.close()
+            raise LeanError(f"--out {self.path}: another lean.train run is writing there (process {other})") from None
+        self.lock.truncate(0)
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+        for stale in self.path.glob(".*.tmp"):  # only a run holding the lock writes these: a killed run's
+            stale.unlink(missing_ok=True)
+        return self.path
+
+    def __exit__(self, *_):
+        if self.lock:
+            self.lock.close()  # and with it the lock
+            self.lock = None
+
+
 class Checkpointer:
     """Keeps a run's checkpoints in `folder`: last.pt, written after every epoch and on a stop, and best.pt,
     a copy of the one with the best segm AP. Disabled (every process under torchrun but the main one), it
@@ -78,7 +117,8 @@ class Checkpointer:
         return Position(state["epoch"], state["batch"], state["iteration"])
 
     def save(self, position, segm_ap=None):
-        """Write last.pt at `position`, atomically; copy it to best.pt when `segm_ap` beats every earlier one."""
+        """Write last.pt at `position`, atomically; copy it to best.pt when `segm_ap` beats every earlier one.
+        A failed write (a full disk) leaves the last good checkpoint and no temporary file."""
         improved = segm_ap is not None and segm_ap > self.best_segm_ap
         self.best_segm_ap = max(self.best_segm_ap, segm_ap if segm_ap is not None else -1.0)
         if not self.enabled:
@@ -113,7 +153,7 @@ def load(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, foreign or tampered files alike
-        raise LeanError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from None
+        raise LeanError(f"{path}: not a loadable checkpoint ({reason(error)})") from None
     if not is_checkpoint(state):
         raise LeanError(f"{path}: not a lean checkpoint (no model and settings inside)")
     return state
@@ -138,6 +178,25 @@ def run_config(state):
     return TrainConfig.from_dict(state["config"] if "config" in state else state["args"])
 
 
+# What a resumed run may change: how long it runs, how it logs and evaluates, and how fast it runs; not what
+# it learns from or how.
+RESUMABLE = ("epochs", "max_iters", "log_every", "eval_every", "no_eval", "device", "amp", "channels_last", "compile")
+
+
+def resumed_config(path, given):
+    """The settings of a run resumed from the checkpoint at `path`: the checkpoint's, with those of the flags
+    `given` ({field: value}) that are RESUMABLE. A flag given with another value for anything else is refused,
+    in one line naming it."""
+    saved = run_config(load(path))
+    for field, value in given.items():
+        if field not in (*RESUMABLE, "out", "resume") and value != getattr(saved, field):
+            flag, keep = "--" + field.replace("_", "-"), ", ".join("--" + f.replace("_", "-") for f in RESUMABLE)
+            raise LeanError(f"--resume: {flag} {value} differs from the run's {getattr(saved, field)}; a resumed run "
+                            f"keeps its settings, but for {keep}")  # fmt: skip
+    kept = {field: value for field, value in given.items() if field in RESUMABLE}
+    return dataclasses.replace(saved, **kept, out=given["out"], resume=True)
+
+
 def load_model(path, device):
     """(model on `device` with the checkpoint's weights, its ModelSpec, its TrainConfig), built from the spec alone."""
     state = load(path)
@@ -154,7 +213,7 @@ def read_weights(path):
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
-        raise LeanError(f"{path}: not a loadable weights file ({str(error).splitlines()[0]})") from None
+        raise LeanError(f"{path}: not a loadable weights file ({reason(error)})") from None
     if not isinstance(loaded, dict):
         raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
     if is_checkpoint(loaded):
@@ -163,16 +222,23 @@ def read_weights(path):
 
 
 def _copy_atomically(source, target):
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+    _write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def _save_atomically(state, path):
-    """torch.save to a temporary name, then rename: a crash mid-write never replaces a good checkpoint."""
+    _write_atomically(path, lambda temporary: torch.save(state, temporary))
+
+
+def _write_atomically(path, write):
+    """write(temporary), then rename it to `path`: a crash mid-write never replaces a good file, and a failed
+    write (a full disk: torch.save says "unexpected pos") removes its temporary and is one line."""
     temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        raise LeanError(f"{path}: cannot write ({reason(error)}); the last one written is kept") from None
 
 
 def _rng_state():

@@ -1,6 +1,7 @@
 """What every lean command shares: one-line errors, exit statuses, Ctrl-C."""
 
 import argparse
+import importlib
 import sys
 
 from lean.errors import LeanError
@@ -15,6 +16,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def run_module(name, argv=None):
+    """Import the command module `name` and run its main; Ctrl-C while torch and the rest load is caught too."""
+    try:
+        module = importlib.import_module(name)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    run(module.main, argv)
 
 
 def run(main, argv=None):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_util
 
-from lean.errors import LeanError
+from lean.errors import LeanError, reason
 from lean.example import Example
 from lean.images import read_rgb
 
@@ -236,9 +236,7 @@ def _header_size(file):
         with Image.open(file) as image:
             width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise LeanError(
-            f"{file}: not a readable image ({str(error).splitlines()[0] or type(error).__name__})"
-        ) from None
+        raise LeanError(f"{file}: not a readable image ({reason(error)})") from None
     return height, width
 
 

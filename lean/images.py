@@ -12,24 +12,23 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from lean.errors import LeanError
+from lean.errors import LeanError, reason
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not a dependency of lean; until lean
 # moves, the notice would be printed by every process that decodes.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 
-def decode_rgb(data, name="image", what="image"):
+def decode_rgb(data, name="image", what="image", orient=False):
     """3 x H x W uint8 RGB tensor from an image file's bytes (a bytes-like or uint8 tensor); `name` and
-    `what` ("image", "PNG", ...) name it in the error."""
+    `what` ("image", "PNG", ...) name it in the error. `orient`: turned as its EXIF orientation says, as a
+    viewer shows it (the cache keeps the stored orientation, the one annotations' coordinates refer to)."""
     if not isinstance(data, torch.Tensor):
         data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=orient)
     except (RuntimeError, ValueError) as error:
-        raise LeanError(
-            f"{name}: not a readable {what} ({str(error).splitlines()[0] or type(error).__name__})"
-        ) from None
+        raise LeanError(f"{name}: not a readable {what} ({reason(error)})") from None
     if image.dtype != torch.uint8:  # 16 bits a channel
         image = image.to(torch.float32).mul_(255 / 65535).round_().to(torch.uint8)
     return image

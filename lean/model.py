@@ -32,7 +32,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from lean.errors import LeanError
+from lean.errors import LeanError, reason
 from lean.frozen_norm import fold_frozen_norms
 from lean.internals import overwrite_eps
 from lean.roi_align import SparseRoIAlign
@@ -177,7 +177,7 @@ def build_model(spec, state=None, download=False):
         except RuntimeError as error:
             raise LeanError(
                 f"the state dict does not fit a {spec.backbone} Mask R-CNN with {spec.num_classes} classes "
-                f"({str(error).splitlines()[0]})"
+                f"({reason(error)})"
             ) from None
     fold_frozen_norms(model)
     return model
@@ -348,8 +348,8 @@ class _download_errors:
 
     def __exit__(self, kind, error, traceback):
         if isinstance(error, (urllib.error.URLError, OSError, RuntimeError)) and _is_download_error(error):
-            reason = getattr(error, "reason", None) or str(error).splitlines()[0]
-            raise WeightsUnavailable(f"cannot download the {self.what} weights ({reason})") from None
+            why = getattr(error, "reason", None) or reason(error)
+            raise WeightsUnavailable(f"cannot download the {self.what} weights ({why})") from None
         return False
 
 

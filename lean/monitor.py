@@ -158,7 +158,7 @@ class TrainingLog:
             self.metrics = None
 
     def print(self, message):
-        if self.enabled:
+        if self.enabled and message:
             print(message, flush=True)
 
     def window(self, figures):

@@ -6,9 +6,11 @@ stdout lists them. An unreadable image is one line on stderr; the others
 are still processed, and the exit status says that one failed.
 """
 
+import io
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,19 +19,57 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from lean.checkpoint import load_model
 from lean.cli import Parser, run
-from lean.errors import LeanError
+from lean.errors import LeanError, reason
 from lean.images import decode_rgb
 
+MAX_PIXELS = 178_956_970  # PIL's own ceiling for a decompression bomb: twice the size it warns at
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
 
 def read_image(path):
-    """3 x H x W uint8 RGB tensor of an image file (lean.images' decoder, as everywhere else)."""
+    """3 x H x W uint8 RGB tensor of an image file, turned as its EXIF orientation says: what a viewer shows is
+    what is predicted. Images of more than MAX_PIXELS are refused before they are decoded."""
     try:
         data = Path(path).read_bytes()
-    except OSError as error:
-        raise LeanError(f"{path}: not a readable image ({error.strerror or error})") from None
-    return decode_rgb(data, path)
+        with warnings.catch_warnings():  # PIL warns of large images; the size is judged below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+    except Image.DecompressionBombError:
+        raise LeanError(f"{path}: more than the {MAX_PIXELS / 1e6:.0f} megapixels lean.predict takes") from None
+    except OSError as error:  # PIL's UnidentifiedImageError is one
+        why = getattr(error, "strerror", None) or reason(error)
+        raise LeanError(f"{path}: not a readable image ({why})") from None
+    if width * height > MAX_PIXELS:
+        raise LeanError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the "
+                        f"{MAX_PIXELS / 1e6:.0f} lean.predict takes")  # fmt: skip
+    return decode_rgb(data, path, orient=True)
+
+
+def fit(image, spec):
+    """(the image at the size the model works at, if that is smaller, and the scale it was shrunk by). The model
+    would shrink it anyway; shrunk first, its masks come out at this size, not at the original one (at
+    8000 x 8000 px, 100 of them took more than 24 GB)."""
+    height, width = image.shape[-2:]
+    scale = min(spec.min_size / min(height, width), spec.max_size / max(height, width))
+    if scale >= 1:
+        return image, 1.0
+    size = (round(height * scale), round(width * scale))
+    resized = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)
+    return resized[0].round().clamp(0, 255).to(torch.uint8), scale
+
+
+def output_names(paths):
+    """A PNG name for each input, distinct where two inputs share a file name (a/x.png, b/x.png: x.png, x-1.png)."""
+    names, used = [], set()
+    for path in paths:
+        name, k = f"{path.stem}.png", 0
+        while name in used:
+            k += 1
+            name = f"{path.stem}-{k}.png"
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def keep_confident(prediction, score_thresh):
@@ -37,17 +77,26 @@ def keep_confident(prediction, score_thresh):
     return {key: value[keep] for key, value in prediction.items()}
 
 
-def draw(image, prediction, spec):
-    """The image with the prediction's masks, boxes, class names and scores drawn over it, a colour a class."""
+def draw(image, prediction, spec, scale=1.0):
+    """The image with the prediction's masks, boxes, class names and scores drawn over it, a colour a class.
+
+    `prediction` is for the image shrunk by `scale` (fit): its masks are brought to the image's size one at
+    a time, so a large photo never holds all of them at full size at once.
+    """
     colours = [PALETTE[(int(label) - 1) % len(PALETTE)] for label in prediction["labels"]]
-    if len(colours):
+    if not colours:
+        return image
+    if scale == 1.0:
         image = draw_segmentation_masks(image, prediction["masks"][:, 0] > 0.5, alpha=0.45, colors=colours)
-        labels = [
-            f"{spec.class_names[int(label) - 1]} {score:.2f}"
-            for label, score in zip(prediction["labels"], prediction["scores"])
-        ]
-        image = draw_bounding_boxes(image, prediction["boxes"], labels=labels, colors=colours, width=2)
-    return image
+    else:
+        for mask, colour in zip(prediction["masks"], colours):
+            mask = torch.nn.functional.interpolate(mask[None], size=image.shape[-2:], mode="bilinear")[0, 0]
+            image = draw_segmentation_masks(image, mask > 0.5, alpha=0.45, colors=[colour])
+    labels = [
+        f"{spec.class_names[int(label) - 1]} {score:.2f}"
+        for label, score in zip(prediction["labels"], prediction["scores"])
+    ]
+    return draw_bounding_boxes(image, prediction["boxes"] / scale, labels=labels, colors=colours, width=2)
 
 
 def save_png(image, path):
@@ -56,15 +105,17 @@ def save_png(image, path):
     os.replace(temporary, path)
 
 
-def as_json(path, prediction, spec):
+def as_json(path, picture, prediction, spec, scale=1.0):
+    """One JSON line: the image, its picture, and each detection's class, score and box in the image's pixels."""
     return json.dumps({
         "image": str(path),
+        "picture": str(picture),
         "detections": [
             {
                 "label": spec.class_names[int(label) - 1],
                 "category_id": spec.category_ids[int(label) - 1],
                 "score": round(float(score), 4),
-                "box": [round(v, 1) for v in box.tolist()],
+                "box": [round(v / scale, 1) for v in box.tolist()],
             }
             for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"])
         ],
@@ -78,7 +129,12 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("predictions"))
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.score_thresh <= 1:
+        parser.error(f"argument --score-thresh: {args.score_thresh} is not between 0 and 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} is a file, not a folder")
+    return args
 
 
 @torch.no_grad()
@@ -87,19 +143,20 @@ def main(argv=None):
     device = torch.device(args.device)
     model, spec, _ = load_model(args.checkpoint, device)
     model.eval()
-    args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path in args.images:
+    for path, name in zip(args.images, output_names(args.images)):
         try:
             image = read_image(path)
         except LeanError as error:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
             continue
-        prediction = {key: value.cpu() for key, value in model([image.to(device)])[0].items()}
+        shrunk, scale = fit(image, spec)
+        prediction = {key: value.cpu() for key, value in model([shrunk.to(device)])[0].items()}
         prediction = keep_confident(prediction, args.score_thresh)
-        save_png(draw(image, prediction, spec), args.out / f"{path.stem}.png")
-        print(as_json(path, prediction, spec), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_png(draw(image, prediction, spec, scale), args.out / name)
+        print(as_json(path, args.out / name, prediction, spec, scale), flush=True)
     return 1 if failed else 0
 
 

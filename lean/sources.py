@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lean.download import fetch_pennfudan
-from lean.errors import LeanError
+from lean.errors import LeanError, reason
 from lean.example import from_instance_map
 from lean.images import read_rgb
 
@@ -70,7 +70,7 @@ def png_size(path):
             _check_png(image, path)
             width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise LeanError(f"{path}: not a readable PNG ({_reason(error)})") from None
+        raise LeanError(f"{path}: not a readable PNG ({reason(error)})") from None
     return height, width
 
 
@@ -86,17 +86,13 @@ def read_png(path, load=True):
         if load:
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise LeanError(f"{path}: not a readable PNG ({_reason(error)})") from None
+        raise LeanError(f"{path}: not a readable PNG ({reason(error)})") from None
     return data, image
 
 
 def _check_png(image, path):
     if image.format != "PNG":
         raise LeanError(f"{path}: not a PNG file (it holds {image.format or 'unknown'} data)")
-
-
-def _reason(error):
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def to_id_map(image, path):

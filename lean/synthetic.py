@@ -6,7 +6,7 @@ independently. With one class (the default), figures are upright (head,
 torso, two legs) and vary in size, colour and texture; 0 to 6 per image,
 nearer ones (lower feet) drawn over farther ones, some cut by the image
 border: a PennFudan-like set. With K classes, figures of K kinds (person,
-disc, block, triangle, cross) are drawn translucent, so where they overlap
+disc, triangle, cross, block) are drawn translucent, so where they overlap
 both show, and each instance's mask is its whole figure: masks overlap.
 Small images and strong shapes make either learnable by Mask R-CNN from
 scratch in minutes on a CPU.
@@ -23,7 +23,7 @@ from lean.targets import areas_of, boxes_of_masks, compact_instance_map
 
 MIN_SIDE, MAX_SIDE = 128, 224
 MAX_FIGURES = 6
-KINDS = ("person", "disc", "block", "triangle", "cross")
+KINDS = ("person", "disc", "triangle", "cross", "block")  # blocks last: the background's clutter is blocks too
 OPACITY = 0.65  # of a figure drawn over others, with --classes K: what lies under it still shows
 
 
@@ -125,7 +125,7 @@ def _shape(kind, rng, figure, rows, cols):
         for part, _ in _figure_parts(rng, figure, rows, cols):
             mask |= part
         return mask
-    tall, wide, x, feet = figure["tall"], figure["wide"] * 2, figure["centre"], figure["feet"]
+    tall, wide, x, feet = figure["tall"], figure["wide"] * 1.6, figure["centre"], figure["feet"]
     y = feet - tall / 2  # the figure's middle
     if kind == "disc":
         return ((rows - y) / (tall / 2)) ** 2 + ((cols - x) / (wide / 2)) ** 2 <= 1

@@ -20,7 +20,7 @@ import torch
 from lean import checkpoint, distributed
 from lean.cache import Cache
 from lean.cache import build as build_cache
-from lean.checkpoint import Checkpointer, Position, RunState, position_after
+from lean.checkpoint import Checkpointer, Position, RunFolder, RunState, position_after
 from lean.cli import Parser, run
 from lean.config import DEFAULT_CACHE, TrainConfig
 from lean.engine import StopSignals, train_one_epoch, train_step
@@ -52,8 +52,8 @@ def main(argv=None):
 def train(config, device, process):
     if process.distributed and device.type == "cuda":
         device = torch.device("cuda", process.local_rank)
-    out = run_folder(config, process)
-    cache, train_indices, test_cache, test_indices = datasets(config)
+    cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
+    out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8)  # fmt: skip
     speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
@@ -62,18 +62,19 @@ def train(config, device, process):
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
     checkpointer = Checkpointer(out, RunState(model, optimizer, scheduler, scaler), spec, config, process.main)
-    position = checkpointer.resume() if config.resume else Position()
     step = partial(train_step, distributed.wrap(model, process, device), optimizer=optimizer, scheduler=scheduler,
                    scaler=scaler, amp_dtype=speed.amp, clip_norm=config.clip_grad)  # fmt: skip
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
-    monitor = Monitor(loader, optimizer, process, config.log_every, total_iterations, position.iteration)
-    with TrainingLog(out / "metrics.jsonl", enabled=process.main) as log, StopSignals() as stop:
+    with RunFolder(out, process.main), TrainingLog(out / "metrics.jsonl", process.main) as log, StopSignals() as stop:
+        position = checkpointer.resume() if config.resume else Position()
+        monitor = Monitor(loader, optimizer, process, config.log_every, total_iterations, position.iteration)
         if config.resume:
             log.print(f"resuming {checkpointer.last} at epoch {position.epoch}, batch {position.batch}, "
                       f"iteration {position.iteration}")  # fmt: skip
         log.print(f"training {spec.backbone} on {len(train_indices)} images ({len(test_indices)} held out), "
                   f"{len(loader)} iterations/epoch x {config.epochs} epochs, batch {config.batch_size} x "
                   f"{process.world_size} process(es), {device}, {speed}; writing {out}")  # fmt: skip
+        log.print(cpu_hint(config, device))
         iteration = position.iteration
         model.train()
         try:
@@ -105,13 +106,13 @@ def evaluation_due(config, epoch, last_iteration):
     return not config.no_eval and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or last_iteration)
 
 
-def run_folder(config, process):
-    out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if config.resume and not (out / "last.pt").is_file():
-        raise LeanError(f"--resume: {out / 'last.pt'} does not exist")
-    if process.main:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+def cpu_hint(config, device):
+    """One line of what to expect, for the tutorial's model at its sizes on a CPU; None elsewhere."""
+    if device.type != "cpu" or config.backbone != "resnet50_fpn" or config.max_size <= 640:
+        return None
+    sizes = f"{config.min_size}/{config.max_size} px"
+    return (f"on a CPU a resnet50_fpn step at {sizes} takes seconds to a minute (hours for 10 epochs); "
+            "--backbone mobilenet_v3_fpn --min-size 320 --max-size 512 trains many times faster")  # fmt: skip
 
 
 def open_cache(path, flag="--cache"):
@@ -121,6 +122,21 @@ def open_cache(path, flag="--cache"):
         print(f"{path} is missing: building it first (python -m lean.cache build)", file=sys.stderr)
         build_cache(PennFudanSource(default_root()), path)
     return Cache(path)
+
+
+def given_flags(parser, argv):
+    """{field: value} of the flags on the command line: argparse fills in defaults only where the namespace has none."""
+    unset = object()
+    namespace = argparse.Namespace(**{field.name: unset for field in dataclasses.fields(TrainConfig)})
+    return {key: value for key, value in vars(parser.parse_args(argv, namespace)).items() if value is not unset}
+
+
+def resumed(config, given):
+    """The config to resume with: OUT/last.pt's, changed only as RESUMABLE allows."""
+    last = config.out / "last.pt"
+    if not last.is_file():
+        raise LeanError(f"--resume: {last} does not exist")
+    return checkpoint.resumed_config(last, given)
 
 
 def datasets(config):
@@ -229,12 +245,23 @@ def parse_args(argv):
     for name in ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every"):
         if getattr(config, name) < 1:
             parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
-    if config.lr <= 0:
-        parser.error("argument --lr: must be positive")
+    for name in ("max_iters", "test_size"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
+    if config.seed < 0:
+        parser.error("argument --seed: must not be negative")
+    if config.lr <= 0 or (config.clip_grad is not None and config.clip_grad <= 0):
+        parser.error(f"argument --{'lr' if config.lr <= 0 else 'clip-grad'}: must be positive")
     if config.weight_decay < 0:
         parser.error("argument --weight-decay: must not be negative")
+    if config.min_size > config.max_size:
+        parser.error(f"argument --min-size: {config.min_size} is more than --max-size {config.max_size}")
     if config.resume and config.out is None:
         parser.error("argument --resume: needs --out, the run folder to continue")
+    if config.out is not None and config.out.exists() and not config.out.is_dir():
+        parser.error(f"argument --out: {config.out} is a file, not a folder")
+    if config.resume:
+        config = resumed(config, given_flags(parser, argv))
     if config.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested but torch sees no CUDA device; use --device cpu")
     if config.device == "cpu" and config.amp == "fp16":

@@ -35,6 +35,14 @@ def small_folder(tmp_path):
     return write_pennfudan(tmp_path / "PennFudanPed", examples)
 
 
+def exit_status(main, argv):
+    """Run a command's main in-process as its `python -m` entry would; returns its exit status (output not captured:
+    for module-scoped fixtures, which capsys cannot serve)."""
+    with pytest.raises(SystemExit) as exited:
+        run(main, argv)
+    return exited.value.code
+
+
 def cli(main, argv, capsys):
     """Run a command's main in-process as its `python -m` entry would; returns (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as exited:
@@ -77,6 +85,8 @@ class ExampleSource(ArraySource):
     """lean.example.Examples held in memory, masks free to overlap; boxes exclusive, as COCO's."""
 
     box_end = "exclusive"
+    classes = ("a", "b", "c")
+    category_ids = (1, 2, 3)
 
     def sizes(self):
         return np.array([example.size for example in self.examples], dtype=np.int64)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lean.cache import Cache, build
-from lean.cache.__main__ import main as cache_main
+from lean.cache.command import main as cache_main
 from lean.errors import LeanError
 from lean.sources import PennFudanSource
 from lean.synthetic import SyntheticSource, synthesize

@@ -20,7 +20,7 @@ from lean.predict import main as predict_main
 from lean.synthetic import SyntheticSource
 from lean.train import main as train_main
 from tests.coco_files import annotation, dataset, polygon, write_coco
-from tests.conftest import SMALL, cli
+from tests.conftest import SMALL, cli, exit_status
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +48,14 @@ def trained(three_classes, tmp_path_factory):
         str(out),
     ]
     with contextlib.redirect_stdout(io.StringIO()):
-        status = cli_status(train_main, argv)
+        status = exit_status(train_main, argv)
     assert status == 0
     return out
 
 
-def cli_status(main, argv):
-    from lean.cli import run
-
-    with pytest.raises(SystemExit) as exited:
-        run(main, argv)
-    return exited.value.code
-
-
 def test_the_model_is_sized_from_the_cache_and_the_checkpoint_names_its_classes(trained):
     model, spec, config = load_model(trained / "last.pt", "cpu")
-    assert spec.class_names == ("person", "disc", "block") and spec.category_ids == (1, 2, 3)
+    assert spec.class_names == ("person", "disc", "triangle") and spec.category_ids == (1, 2, 3)
     assert model.roi_heads.box_predictor.cls_score.out_features == 4  # three classes and background
     assert config.val_cache is not None
 
@@ -71,7 +63,7 @@ def test_the_model_is_sized_from_the_cache_and_the_checkpoint_names_its_classes(
 def test_a_run_with_a_validation_cache_evaluates_all_of_it_per_class(trained, three_classes):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     per_class = [record["per_class"] for record in records if "per_class" in record]
-    assert len(per_class) == 1 and set(per_class[0]["segm"]) == {"person", "disc", "block"}
+    assert len(per_class) == 1 and set(per_class[0]["segm"]) == {"person", "disc", "triangle"}
 
 
 def test_evaluate_writes_per_class_stats_source_ids_and_coco_results(trained, three_classes, tmp_path, capsys):
@@ -81,7 +73,7 @@ def test_evaluate_writes_per_class_stats_source_ids_and_coco_results(trained, th
     status, stdout, _ = cli(evaluate_main, argv, capsys)
     report = json.loads((tmp_path / "s.json").read_text())
     assert status == 0 and report["image_ids"] == Cache(valid).source_ids.tolist()  # all of the validation cache
-    assert set(report["bbox"]["per_class"]) == {"person", "disc", "block"}
+    assert set(report["bbox"]["per_class"]) == {"person", "disc", "triangle"}
     assert "class" in stdout and "disc" in stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert all(set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"} for r in results)
@@ -105,7 +97,7 @@ def test_predictions_are_named_and_coloured_by_class(trained, tmp_path, capsys):
     status, stdout, _ = cli(predict_main, [*argv, "--device", "cpu"], capsys)
     detections_ = json.loads(stdout)["detections"]
     assert status == 0 and detections_
-    names = {"person": 1, "disc": 2, "block": 3}
+    names = {"person": 1, "disc": 2, "triangle": 3}
     assert all(names[d["label"]] == d["category_id"] for d in detections_)
 
 

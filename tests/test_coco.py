@@ -13,7 +13,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from lean.cache import Cache, build
-from lean.cache.__main__ import main as cache_main
+from lean.cache.command import main as cache_main
 from lean.coco import SKIP_EMPTY_MASK, SKIP_FEW_POINTS, SKIP_NO_BOX, CocoSource
 from lean.errors import LeanError
 from tests.coco_files import annotation, dataset, polygon, write_coco

@@ -382,4 +382,4 @@ def test_torchrun_trains_with_two_processes_on_three_classes_and_only_rank_0_wri
     assert result.stdout.count("training mobilenet_v3_fpn") == 1  # rank 0 alone logs
     assert "x 2 process(es)" in result.stdout
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
-    assert state["iteration"] == 2 and state["model_spec"]["class_names"] == ["person", "disc", "block"]
+    assert state["iteration"] == 2 and state["model_spec"]["class_names"] == ["person", "disc", "triangle"]

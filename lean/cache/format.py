@@ -24,18 +24,21 @@ memory-map the large ones straight from disk:
     mask_crops        (M, 4)   int64    [y0, x0, h, w] of each instance's mask
     mask_offsets      (M+1,)   int64    instance m's mask is bytes [o[m], o[m+1]) of:
     mask_bits         (Q,)     uint8    each crop's h x w bits, row by row (lean.masks)
+    checksums         (N, 32)  uint8    sha256 of each image's pixels, mask bits and instance arrays
 """
 
+import hashlib
 import os
 
 import h5py
+import numpy as np
 
 from lean.errors import LeanError
 
 FORMAT = "lean-cache"
 VERSION = 2
 INSTANCE_FIELDS = ("boxes", "area", "labels", "iscrowd")
-INDEX = ("names", "source_ids", "sizes", "pixel_offsets", "instance_offsets", "mask_crops", "mask_offsets")
+INDEX = ("names", "source_ids", "sizes", "pixel_offsets", "instance_offsets", "mask_crops", "mask_offsets", "checksums")
 MAPPED = ("pixels", "mask_bits")
 DATASETS = INDEX + INSTANCE_FIELDS + MAPPED
 
@@ -83,3 +86,12 @@ def _check_mapped(handle, path):
 def mapped_offset(handle, name):
     """Byte offset of a contiguous dataset in its file, for np.memmap; None when it is empty."""
     return handle[name].id.get_offset()
+
+
+def image_checksum(pixels, mask_bits, instances):
+    """sha256 of everything a cache holds for one image: its stored pixels, mask bits and instance arrays."""
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).data)
+    digest.update(np.ascontiguousarray(mask_bits).data)
+    for field in INSTANCE_FIELDS:
+        digest.update(np.ascontiguousarray(instances[field]).data)
+    return np.frombuffer(digest.digest(), dtype=np.uint8)

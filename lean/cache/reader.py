@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from lean import masks as mask_codec
-from lean.cache.format import INSTANCE_FIELDS, MAPPED, mapped_offset, open_checked
+from lean.cache.format import INSTANCE_FIELDS, MAPPED, image_checksum, mapped_offset, open_checked
 from lean.errors import LeanError
 from lean.images import read_rgb
 
@@ -41,16 +41,26 @@ class Cache:
             self.instances = {field: handle[field][:] for field in INSTANCE_FIELDS}
             self.mask_crops = handle["mask_crops"][:]
             self.mask_offsets = handle["mask_offsets"][:]
+            self.checksums = handle["checksums"][:]
             self._offsets = {name: mapped_offset(handle, name) for name in MAPPED}
             self._lengths = {name: handle[name].size for name in MAPPED}
-        if not (len(self.sizes) == len(self.names) == len(self.source_ids) == len(self.pixel_offsets) - 1
-                == len(self.instance_offsets) - 1):  # fmt: skip
-            raise LeanError(f"{self.path}: cache index arrays disagree in length; rebuild it")
+        damage = structure_damage(self)
+        if damage:
+            raise LeanError(f"{self.path}: damaged cache ({damage}); rebuild it")
         self._maps = None
         self._pid = None
 
     def __len__(self):
         return len(self.names)
+
+    def checksum(self, i):
+        """sha256 of what the cache holds for image i now, to compare with checksums[i]."""
+        _, bits, _ = self.mask_parts(i)
+        if self.stored == "encoded":
+            pixels = self.encoded(i)
+        else:
+            pixels = self._mapped()["pixels"][3 * self.pixel_offsets[i] : 3 * self.pixel_offsets[i + 1]]
+        return image_checksum(pixels, bits, self.instance_targets(i))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -128,3 +138,40 @@ class Cache:
         target["masks"] = torch.from_numpy(self.masks(i))
         target["image_id"] = torch.tensor([i], dtype=torch.int64)
         return target
+
+
+def structure_damage(cache):
+    """What is wrong with a cache's index (offsets out of order or out of bounds, sizes that disagree with
+    them, masks outside their image, labels outside the classes), or None: checked whenever a cache opens,
+    so that flipped bytes fail in one line, not in a reshape or, worse, in training on garbage."""
+    n, m = len(cache.names), len(cache.instances["labels"])
+    sizes, pixels, instances, masks = cache.sizes, cache.pixel_offsets, cache.instance_offsets, cache.mask_offsets
+    pixel_length = cache._lengths["pixels"] // (3 if cache.stored == "raw" else 1)
+    checks = [
+        (len(sizes) == len(cache.source_ids) == len(cache.checksums) == n and sizes.shape == (n, 2), "index lengths"),
+        ((sizes >= 1).all(), "image sizes"),
+        (_offsets_fit(pixels, n, pixel_length), "pixel offsets"),
+        (cache.stored == "encoded" or np.array_equal(np.diff(pixels), sizes[:, 0] * sizes[:, 1]), "pixel offsets"),
+        (_offsets_fit(instances, n, m), "instance offsets"),
+        (
+            all(len(values) == m for values in cache.instances.values()) and cache.mask_crops.shape == (m, 4),
+            "instances",
+        ),
+        (_offsets_fit(masks, m, cache._lengths["mask_bits"]), "mask offsets"),
+        (((cache.instances["labels"] >= 1) & (cache.instances["labels"] <= len(cache.classes))).all(), "labels"),
+    ]
+    for fine, what in checks:
+        if not fine:
+            return what
+    image_of = np.repeat(np.arange(n), np.diff(instances))
+    y0, x0, h, w = cache.mask_crops.T
+    inside = (
+        (y0 >= 0) & (x0 >= 0) & (y0 + h <= sizes[image_of, 0]) & (x0 + w <= sizes[image_of, 1]) & (h >= 0) & (w >= 0)
+    )
+    if not inside.all() or not np.array_equal(np.diff(masks), -(-(h * w) // 8)):
+        return "mask crops"
+    return None
+
+
+def _offsets_fit(offsets, count, length):
+    return len(offsets) == count + 1 and offsets[0] == 0 and (np.diff(offsets) >= 0).all() and offsets[-1] == length

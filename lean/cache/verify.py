@@ -1,8 +1,19 @@
-"""Check a cache against its source by loading every example again."""
+"""Check a cache: against the checksums it stores, and against its source by loading every example again."""
 
 import numpy as np
 
 from lean.cache.writer import derive
+
+
+def first_corrupted(cache, progress=None):
+    """None when what the cache holds for every image still has the checksum it was written with, else one line
+    naming the first image that does not."""
+    for i in range(len(cache)):
+        if not np.array_equal(cache.checksum(i), cache.checksums[i]):
+            return f"{cache.names[i]}: its bytes in the cache changed since it was built (checksum)"
+        if progress:
+            progress.update()
+    return None
 
 
 def first_mismatch(cache, source, progress=None):

@@ -8,6 +8,8 @@ collects the per-instance arrays and bit-packed masks, writes them with the
 index, and renames the finished file over the destination.
 """
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -21,7 +23,7 @@ import h5py
 import numpy as np
 
 from lean import masks as mask_codec
-from lean.cache.format import FORMAT, INSTANCE_FIELDS, VERSION
+from lean.cache.format import FORMAT, INSTANCE_FIELDS, VERSION, image_checksum
 from lean.errors import LeanError
 from lean.progress import Progress
 
@@ -57,7 +59,8 @@ class _Job:
             self.fd = None
 
     def store(self, i):
-        """Load example i, write its pixels into the file; returns its instances, encoded masks and digest."""
+        """Load example i, write its pixels into the file; returns its instances, encoded masks, digest and the
+        checksum of what the cache holds for it."""
         example = derive(self.source, i, self.encoded)
         name = self.source.names[i]
         if tuple(example.size) != tuple(self.sizes[i]):
@@ -69,15 +72,23 @@ class _Job:
         if data.size != (self.offsets[i + 1] - self.offsets[i]) * width:
             raise LeanError(f"{name}: changed while the cache was built ({data.size} bytes, expected another size)")
         os.pwrite(self.fd, data.data, self.pixels_offset + width * int(self.offsets[i]))
-        return example.instances(), mask_codec.encode(example.masks), example.digest
+        instances, masks = example.instances(), mask_codec.encode(example.masks)
+        return instances, masks, example.digest, image_checksum(data, masks[1], instances)
 
 
 _worker_job = None
 
 
+def _die_with_parent():
+    """Have the kernel end this process when the one that started it dies, SIGKILL included (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def _init_worker(job):
     global _worker_job
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
+    _die_with_parent()
     _worker_job = job
     _worker_job.open()
 
@@ -129,23 +140,26 @@ def build(source, out, workers=None, progress=True, pixels=None):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LeanError(f"{out.parent}: cannot create folder ({error.strerror or error})") from None
+    _remove_stale_temporaries(out)
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         shape = (int(offsets[-1]),) if encoded else (int(offsets[-1]), 3)
         job = _Job(source, temporary, sizes, offsets, _allocate(temporary, shape), encoded)
         fields = {field: [] for field in INSTANCE_FIELDS}
-        masks = []
+        masks, checksums = [], []
         fingerprint = hashlib.sha256()
         meter = Progress(len(source), "build") if progress else None
-        for i, (instances, encoded_masks, digest) in enumerate(_stored(job, workers)):
+        for i, (instances, encoded_masks, digest, checksum) in enumerate(_stored(job, workers)):
             for field in INSTANCE_FIELDS:
                 fields[field].append(instances[field])
             masks.append(encoded_masks)
+            checksums.append(checksum)
             fingerprint.update(source.names[i].encode() + b"\0" + digest)
             if meter:
                 meter.update()
         with h5py.File(temporary, "r+") as handle:
             _write_index(handle, source, sizes, offsets, fields, masks)
+            handle.create_dataset("checksums", data=np.array(checksums, dtype=np.uint8).reshape(-1, 32))
             handle.attrs.update(
                 format=FORMAT,
                 version=VERSION,
@@ -163,8 +177,28 @@ def build(source, out, workers=None, progress=True, pixels=None):
     except OSError as error:
         raise LeanError(f"{out}: cannot write cache ({error.strerror or error})") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even the unlink of nothing
+            temporary.unlink(missing_ok=True)
     return out
+
+
+def _remove_stale_temporaries(out):
+    """Remove the temporary files of builds of `out` whose process is gone (killed before it could)."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = stale.name[len(out.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def _allocate(path, shape):

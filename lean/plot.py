@@ -1,0 +1,110 @@
+"""python -m lean.plot RUN [RUN...] [--out FILE]: training curves from runs' metrics.jsonl, as a picture.
+
+Three panels: every loss (the median of a window of 20 iterations) and the learning rate against
+iterations, and bbox and segm AP against epochs; several runs share the axes, to compare them.
+lean.train draws OUT/curves.png after every epoch the same way. matplotlib is optional
+(pip install -e '.[plot]'); without it, one line says so and nothing else changes.
+"""
+
+import json
+import os
+import statistics
+from collections import defaultdict, deque
+from pathlib import Path
+
+from lean.cli import Parser, run
+from lean.errors import LeanError
+
+INSTALL = "pip install -e '.[plot]' (matplotlib)"
+WINDOW = 20
+
+
+class PlotUnavailable(LeanError):
+    """matplotlib is not installed."""
+
+
+def read_metrics(run_folder):
+    """(losses {name: [(iteration, window median)]}, [(iteration, lr)], {"bbox"/"segm": [(epoch, AP)]}) of a run."""
+    path = Path(run_folder) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise LeanError(f"{path}: cannot read ({error.strerror or error})") from None
+    losses, rates, precision = defaultdict(list), [], defaultdict(list)
+    windows = defaultdict(lambda: deque(maxlen=WINDOW))
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise LeanError(f"{path}: line {number} is not JSON") from None
+        if "loss" in record:
+            for name, value in record.items():
+                if name.startswith("loss"):
+                    windows[name].append(value)
+                    losses[name].append((record["iteration"], statistics.median(windows[name])))
+        elif "lr" in record:
+            rates.append((record["iteration"], record["lr"]))
+        for kind in ("bbox", "segm"):
+            if isinstance(record.get(kind), list):
+                precision[kind].append((record["epoch"], record[kind][0]))
+    return losses, rates, precision
+
+
+def draw_curves(run_folders, out):
+    """Draw the curves of `run_folders` into the PNG `out` (written atomically); returns `out`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        from matplotlib import pyplot
+    except ImportError:
+        raise PlotUnavailable(f"drawing curves needs matplotlib: {INSTALL}") from None
+    figure, (loss_axes, lr_axes, ap_axes) = pyplot.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    for k, folder in enumerate(run_folders):
+        losses, rates, precision = read_metrics(folder)
+        label = Path(folder).name if len(run_folders) > 1 else ""
+        colour = f"C{k}"
+        for style, (name, points) in zip(("-", "--", ":", "-.", (0, (1, 4)), (0, (5, 2, 1, 2))), losses.items()):
+            loss_axes.plot(*zip(*points), linestyle=style, color=colour, label=f"{label} {name}".strip())
+        if rates:
+            lr_axes.plot(*zip(*rates), color=colour, label=label or None)
+        for marker, kind in (("o", "bbox"), ("s", "segm")):
+            if precision[kind]:
+                ap_axes.plot(*zip(*precision[kind]), marker=marker, color=colour, label=f"{label} {kind}".strip())
+    loss_axes.set(title="losses (median of 20 iterations)", xlabel="iteration", yscale="log")
+    lr_axes.set(title="learning rate", xlabel="iteration")
+    ap_axes.set(title="AP on the held-out images", xlabel="epoch", ylim=(0, 1))
+    for axes in (loss_axes, lr_axes, ap_axes):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+    out = Path(out)
+    temporary = out.with_name(f".{out.name}.tmp")
+    figure.savefig(temporary, format="png", dpi=90)
+    pyplot.close(figure)
+    os.replace(temporary, out)
+    return out
+
+
+def parse_args(argv):
+    parser = Parser(prog="python -m lean.plot", description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with a metrics.jsonl)")
+    parser.add_argument("--out", type=Path, help="default: RUN/curves.png for one run, curves.png for several")
+    args = parser.parse_args(argv)
+    for folder in args.runs:
+        if not (folder / "metrics.jsonl").is_file():
+            parser.error(f"argument runs: {folder} holds no metrics.jsonl")
+    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
+        parser.error(f"argument --out: {args.out} cannot be written (a folder, or in a folder that does not exist)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.out or (args.runs[0] / "curves.png" if len(args.runs) == 1 else Path("curves.png"))
+    print(f"wrote {draw_curves(args.runs, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
