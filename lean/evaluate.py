@@ -29,6 +29,7 @@ from lean.cache import Cache
 from lean.cli import Parser, run
 from lean.errors import LeanError
 from lean.loader import Loader, split_indices
+from lean.progress import Progress
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -170,6 +171,7 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
     """torchvision predictions (on the CPU) for `indices`, in that order."""
     model.eval()
     loader = Loader(cache, batch_size, shuffle=False, device=device, indices=indices, train=False, dtype=torch.uint8)
+    progress = Progress(len(indices), "evaluate", rate="images/s")
     predictions = []
     for images, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -178,6 +180,7 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
             {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in out.items()}
             for out in outputs
         ]
+        progress.update(len(images))
     return predictions
 
 

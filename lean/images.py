@@ -14,6 +14,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 from lean.errors import LeanError, reason
 
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # of the images lean looks for
+
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not a dependency of lean; until lean
 # moves, the notice would be printed by every process that decodes.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)

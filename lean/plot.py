@@ -60,20 +60,24 @@ def draw_curves(run_folders, out):
     except ImportError:
         raise PlotUnavailable(f"drawing curves needs matplotlib: {INSTALL}") from None
     figure, (loss_axes, lr_axes, ap_axes) = pyplot.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    several = len(run_folders) > 1  # then a colour a run and a line style a loss; else a colour a loss
+    styles = ("-", "--", ":", "-.", (0, (1, 4)), (0, (5, 2, 1, 2)))
     for k, folder in enumerate(run_folders):
         losses, rates, precision = read_metrics(folder)
-        label = Path(folder).name if len(run_folders) > 1 else ""
-        colour = f"C{k}"
-        for style, (name, points) in zip(("-", "--", ":", "-.", (0, (1, 4)), (0, (5, 2, 1, 2))), losses.items()):
-            loss_axes.plot(*zip(*points), linestyle=style, color=colour, label=f"{label} {name}".strip())
+        run_name = f"{Path(folder).name} " if several else ""
+        for j, (name, points) in enumerate(losses.items()):
+            colour, style = (f"C{k}", styles[j % len(styles)]) if several else (f"C{j}", "-")
+            loss_axes.plot(*zip(*points), linestyle=style, color=colour, label=run_name + name)
         if rates:
-            lr_axes.plot(*zip(*rates), color=colour, label=label or None)
-        for marker, kind in (("o", "bbox"), ("s", "segm")):
+            lr_axes.plot(*zip(*rates), color=f"C{k}", label=run_name.strip() or None)
+        for j, (marker, kind) in enumerate((("o", "bbox"), ("s", "segm"))):
             if precision[kind]:
-                ap_axes.plot(*zip(*precision[kind]), marker=marker, color=colour, label=f"{label} {kind}".strip())
+                epochs, values = zip(*precision[kind])
+                colour = f"C{k}" if several else f"C{j}"
+                ap_axes.plot([e + 1 for e in epochs], values, marker=marker, color=colour, label=run_name + kind)
     loss_axes.set(title="losses (median of 20 iterations)", xlabel="iteration", yscale="log")
     lr_axes.set(title="learning rate", xlabel="iteration")
-    ap_axes.set(title="AP on the held-out images", xlabel="epoch", ylim=(0, 1))
+    ap_axes.set(title="AP on the held-out images", xlabel="epochs done", ylim=(0, 1))
     for axes in (loss_axes, lr_axes, ap_axes):
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
@@ -84,6 +88,24 @@ def draw_curves(run_folders, out):
     pyplot.close(figure)
     os.replace(temporary, out)
     return out
+
+
+class Curves:
+    """A run's curves.png, drawn again after every epoch; without matplotlib, one line the first time, and the
+    run goes on."""
+
+    def __init__(self, folder):
+        self.folder, self.said = Path(folder), False
+
+    def update(self):
+        """Redraw; returns the line to print, if any."""
+        try:
+            draw_curves([self.folder], self.folder / "curves.png")
+        except PlotUnavailable as error:
+            if not self.said:
+                self.said = True
+                return f"no curves.png: {error}; training goes on"
+        return None
 
 
 def parse_args(argv):

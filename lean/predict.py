@@ -1,11 +1,15 @@
-"""python -m lean.predict IMAGE... --checkpoint PATH: draw what a trained model finds, and print it as JSON.
+"""python -m lean.predict IMAGE|FOLDER|PATTERN... --checkpoint PATH: draw what a trained model finds, and print
+it as JSON.
 
-For each image, DIR/NAME.png shows the detections above --score-thresh
-(translucent masks, boxes and scores over the image) and one JSON line on
-stdout lists them. An unreadable image is one line on stderr; the others
-are still processed, and the exit status says that one failed.
+Each argument is an image, a folder (its images) or a glob pattern ("photos/**/*.jpg"). For each image,
+DIR/NAME.png shows the detections above --score-thresh (translucent masks, boxes, class names and
+scores over the image) and one JSON line on stdout lists them. An unreadable image is one line on
+stderr; the others are still processed, and the exit status says that one failed. More than a
+handful of images get a progress line on stderr.
 """
 
+import argparse
+import glob
 import io
 import json
 import os
@@ -13,15 +17,18 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from lean.checkpoint import load_model
 from lean.cli import Parser, run
 from lean.errors import LeanError, reason
-from lean.images import decode_rgb
+from lean.images import SUFFIXES, decode_rgb
+from lean.progress import Progress
 
+HANDFUL = 8  # more images than this get a progress line
 MAX_PIXELS = 178_956_970  # PIL's own ceiling for a decompression bomb: twice the size it warns at
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
@@ -92,11 +99,34 @@ def draw(image, prediction, spec, scale=1.0):
         for mask, colour in zip(prediction["masks"], colours):
             mask = torch.nn.functional.interpolate(mask[None], size=image.shape[-2:], mode="bilinear")[0, 0]
             image = draw_segmentation_masks(image, mask > 0.5, alpha=0.45, colors=[colour])
-    labels = [
+    names = [
         f"{spec.class_names[int(label) - 1]} {score:.2f}"
         for label, score in zip(prediction["labels"], prediction["scores"])
     ]
-    return draw_bounding_boxes(image, prediction["boxes"] / scale, labels=labels, colors=colours, width=2)
+    boxes = prediction["boxes"] / scale
+    image = draw_bounding_boxes(image, boxes, colors=colours, width=line_width(image))
+    return label(image, boxes, names, colours)
+
+
+def line_width(image):
+    """Box lines thick enough to see at the picture's own size: 2 px on a small image, more on a large photo."""
+    return max(2, round(max(image.shape[-2:]) / 400))
+
+
+def label(image, boxes, names, colours):
+    """`names` written above their boxes on a band of their colour, in a font scaled to the picture (torchvision's
+    labels come in a fixed bitmap font that a 12-megapixel photo shrinks to nothing)."""
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=max(12, round(max(picture.size) / 50)))
+    for (x0, y0, _, _), name, colour in zip(boxes.tolist(), names, colours):
+        anchor = "ld"  # above the box, on its left corner
+        if draw.textbbox((x0, y0), name, font=font, anchor=anchor)[1] < 0:
+            anchor = "la"  # no room above: inside
+        left, top, right, bottom = draw.textbbox((x0, y0), name, font=font, anchor=anchor)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
+        draw.text((x0, y0), name, fill="white", font=font, anchor=anchor)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
 def save_png(image, path):
@@ -122,16 +152,39 @@ def as_json(path, picture, prediction, spec, scale=1.0):
     })  # fmt: skip
 
 
+def expand(inputs):
+    """The image files that `inputs` name: a file as given, a folder's images (sorted), a pattern's matches."""
+    paths = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(path for path in item.iterdir() if path.suffix.lower() in SUFFIXES and path.is_file())
+            if not found:
+                raise LeanError(f"{item}: a folder with no images in it")
+        elif not item.exists() and any(char in str(item) for char in "*?["):
+            found = sorted(Path(match) for match in glob.glob(str(item), recursive=True) if Path(match).is_file())
+            if not found:
+                raise LeanError(f"{item}: no file matches")
+        else:
+            found = [item]
+        paths += found
+    return paths
+
+
 def parse_args(argv):
-    parser = Parser(prog="python -m lean.predict", description=__doc__)
-    parser.add_argument("images", nargs="+", type=Path)
+    parser = Parser(
+        prog="python -m lean.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("images", nargs="+", type=Path, help="images, folders of images, or glob patterns")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("predictions"))
     parser.add_argument("--score-thresh", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=1, help="images the model takes at once")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not 0 <= args.score_thresh <= 1:
         parser.error(f"argument --score-thresh: {args.score_thresh} is not between 0 and 1")
+    if args.batch_size < 1:
+        parser.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")
     return args
@@ -140,23 +193,30 @@ def parse_args(argv):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
+    paths = expand(args.images)
     device = torch.device(args.device)
     model, spec, _ = load_model(args.checkpoint, device)
     model.eval()
+    progress = Progress(len(paths), "predict", rate="images/s") if len(paths) > HANDFUL else None
     failed = 0
-    for path, name in zip(args.images, output_names(args.images)):
-        try:
-            image = read_image(path)
-        except LeanError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        shrunk, scale = fit(image, spec)
-        prediction = {key: value.cpu() for key, value in model([shrunk.to(device)])[0].items()}
-        prediction = keep_confident(prediction, args.score_thresh)
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_png(draw(image, prediction, spec, scale), args.out / name)
-        print(as_json(path, args.out / name, prediction, spec, scale), flush=True)
+    jobs = list(zip(paths, output_names(paths)))
+    for start in range(0, len(jobs), args.batch_size):
+        batch = []
+        for path, name in jobs[start : start + args.batch_size]:
+            try:
+                batch.append((path, name, read_image(path)))
+            except LeanError as error:
+                print(f"error: {error}", file=sys.stderr)
+                failed += 1
+        shrunk = [fit(image, spec) for _, _, image in batch]
+        outputs = model([image.to(device) for image, _ in shrunk]) if batch else []
+        for (path, name, image), (_, scale), output in zip(batch, shrunk, outputs):
+            prediction = keep_confident({key: value.cpu() for key, value in output.items()}, args.score_thresh)
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_png(draw(image, prediction, spec, scale), args.out / name)
+            print(as_json(path, args.out / name, prediction, spec, scale), flush=True)
+        if progress:
+            progress.update(len(jobs[start : start + args.batch_size]))
     return 1 if failed else 0
 
 

@@ -5,8 +5,10 @@ import time
 
 
 class Progress:
-    def __init__(self, total, label, stream=None, log_every_s=5.0):
-        self.total, self.label, self.done = total, label, 0
+    """`label: done/total (seconds, ETA)`, with `rate` naming a unit, its rate too (e.g. "images/s")."""
+
+    def __init__(self, total, label, stream=None, log_every_s=5.0, rate=None):
+        self.total, self.label, self.done, self.rate = total, label, 0, rate
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
         self.log_every_s = log_every_s
@@ -26,6 +28,7 @@ class Progress:
     def _print(self, now):
         elapsed = now - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        line = f"{self.label}: {self.done}/{self.total} ({elapsed:.1f} s, ETA {eta:.1f} s)"
+        pace = f", {self.done / max(elapsed, 1e-9):.1f} {self.rate}" if self.rate else ""
+        line = f"{self.label}: {self.done}/{self.total} ({elapsed:.1f} s{pace}, ETA {eta:.1f} s)"
         end = "\n" if self.done == self.total or not self.live else ""
         print(("\r" if self.live else "") + line, end=end, file=self.stream, flush=True)

@@ -80,7 +80,13 @@ def pyramid_roi_align(features, rois, levels, scales, output_size, sampling_rati
     )
     with torch.autocast("cpu", enabled=False):  # the product in float32, whatever autocast is on
         pooled = weights @ pixels  # (regions x bins, channels)
-    return pooled.reshape(len(rois), *output_size, channels).permute(0, 3, 1, 2).to(dtype)
+    pooled = pooled.reshape(len(rois), *output_size, channels).permute(0, 3, 1, 2)
+    # In the maps' memory format: a contiguous model's heads would otherwise run channels-last, and their 1 x 1
+    # convolutions' gradients would come back in strides DDP's buckets do not expect.
+    layout = (
+        torch.channels_last if features[0].is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    )
+    return pooled.to(dtype).contiguous(memory_format=layout)
 
 
 def sampling_matrix(rois, scale, heights, widths, level_starts, num_pixels, output_size, sampling_ratio, aligned=False):

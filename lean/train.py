@@ -31,6 +31,7 @@ from lean.loader import Loader, split_indices
 from lean.model import BACKBONES, ModelSpec, WeightsUnavailable, build_model
 from lean.monitor import Monitor, NonFiniteLoss, TrainingLog
 from lean.optim import OPTIMIZERS, make_optimizer, make_scheduler
+from lean.plot import Curves
 from lean.sources import PennFudanSource, default_root
 from lean.speed import AMP, COMPILE, RECOMPILE_LIMIT, Speed, keep_freed_memory, tune_for_speed
 
@@ -68,6 +69,7 @@ def train(config, device, process):
     with RunFolder(out, process.main), TrainingLog(out / "metrics.jsonl", process.main) as log, StopSignals() as stop:
         position = checkpointer.resume() if config.resume else Position()
         monitor = Monitor(loader, optimizer, process, config.log_every, total_iterations, position.iteration)
+        curves = Curves(out)
         if config.resume:
             log.print(f"resuming {checkpointer.last} at epoch {position.epoch}, batch {position.batch}, "
                       f"iteration {position.iteration}")  # fmt: skip
@@ -89,6 +91,7 @@ def train(config, device, process):
                     log.evaluation(epoch, report)
                     segm_ap = report["segm"]["AP"]
                 checkpointer.save(position_after(iteration, len(loader)), segm_ap)
+                log.print(curves.update() if process.main else None)
                 if stop.received:
                     log.print(f"stopped by signal at epoch {epoch}, iteration {iteration}; saved {checkpointer.last}; "
                               "continue with --resume")  # fmt: skip

@@ -16,8 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from lean.errors import LeanError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from lean.images import SUFFIXES
 
 
 def export_coco(cache, folder, progress=None):
@@ -58,9 +57,7 @@ def _file_name(cache, i):
         raise LeanError(f"{cache.path}: image {i} is named {cache.names[i]!r}, which would leave the export folder")
     if cache.stored == "encoded":
         return str(name)
-    return str(
-        name.with_suffix(".png") if name.suffix.lower() in IMAGE_SUFFIXES else name.with_name(name.name + ".png")
-    )
+    return str(name.with_suffix(".png") if name.suffix.lower() in SUFFIXES else name.with_name(name.name + ".png"))
 
 
 def _write_image(cache, i, folder, name):
