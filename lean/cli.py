@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import os
 import sys
 
 from lean.errors import LeanError
@@ -23,8 +24,9 @@ def run_module(name, argv=None):
     try:
         module = importlib.import_module(name)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        print("interrupted", file=sys.stderr, flush=True)
+        # Nothing is written yet. Seen: a normal exit from here at times ended by SIGINT (-2), not this status.
+        os._exit(EXIT_INTERRUPTED)
     run(module.main, argv)
 
 
