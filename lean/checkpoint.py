@@ -26,6 +26,7 @@ import torch
 
 from lean.config import TrainConfig
 from lean.errors import LeanError, reason
+from lean.files import write_atomically
 from lean.model import ModelSpec, build_model
 
 FORMAT = "lean-checkpoint"
@@ -140,9 +141,9 @@ class Checkpointer:
             },
             "config": self.config.to_dict(),
         }
-        _save_atomically(state, self.last)
+        write_atomically(self.last, lambda temporary: torch.save(state, temporary))
         if improved:
-            _copy_atomically(self.last, self.best)
+            write_atomically(self.best, lambda temporary: shutil.copyfile(self.last, temporary))
 
 
 def load(path):
@@ -219,26 +220,6 @@ def read_weights(path):
     if is_checkpoint(loaded):
         return loaded["model"], model_spec(loaded).pretrained
     return loaded, True
-
-
-def _copy_atomically(source, target):
-    _write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
-
-
-def _save_atomically(state, path):
-    _write_atomically(path, lambda temporary: torch.save(state, temporary))
-
-
-def _write_atomically(path, write):
-    """write(temporary), then rename it to `path`: a crash mid-write never replaces a good file, and a failed
-    write (a full disk: torch.save says "unexpected pos") removes its temporary and is one line."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:
-        temporary.unlink(missing_ok=True)
-        raise LeanError(f"{path}: cannot write ({reason(error)}); the last one written is kept") from None
 
 
 def _rng_state():

@@ -14,7 +14,6 @@ id 1), annotation ids from 1, segmentation as RLE of the instance masks.
 import contextlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from lean import checkpoint
 from lean.cache import Cache
 from lean.cli import Parser, run
 from lean.errors import LeanError
+from lean.files import write_atomically
 from lean.loader import Loader, split_indices
 from lean.progress import Progress
 
@@ -229,17 +229,13 @@ def main(argv=None):
     predictions = predict_split(model, cache, indices, device)
     report = coco_eval(cache, indices, predictions)
     if args.results:
-        write_atomically(args.results, json.dumps(in_source_terms(cache, detections(indices, predictions))))
+        results = json.dumps(in_source_terms(cache, detections(indices, predictions)))
+        write_atomically(args.results, lambda temporary: temporary.write_text(results))
     if args.json:
-        write_atomically(args.json, json.dumps({**report, "image_ids": cache.source_ids[indices].tolist()}, indent=1))
+        stats = json.dumps({**report, "image_ids": cache.source_ids[indices].tolist()}, indent=1)
+        write_atomically(args.json, lambda temporary: temporary.write_text(stats))
     print(json.dumps({kind: round(values["AP"], 4) for kind, values in report.items()}), file=sys.stderr)
     return 0
-
-
-def write_atomically(path, text):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

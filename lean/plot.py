@@ -7,13 +7,13 @@ lean.train draws OUT/curves.png after every epoch the same way. matplotlib is op
 """
 
 import json
-import os
 import statistics
 from collections import defaultdict, deque
 from pathlib import Path
 
 from lean.cli import Parser, run
 from lean.errors import LeanError
+from lean.files import write_atomically
 
 INSTALL = "pip install -e '.[plot]' (matplotlib)"
 WINDOW = 20
@@ -82,11 +82,8 @@ def draw_curves(run_folders, out):
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small")
-    out = Path(out)
-    temporary = out.with_name(f".{out.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=90)
+    write_atomically(out, lambda temporary: figure.savefig(temporary, format="png", dpi=90))
     pyplot.close(figure)
-    os.replace(temporary, out)
     return out
 
 

@@ -12,7 +12,6 @@ import argparse
 import glob
 import io
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from lean.checkpoint import load_model
 from lean.cli import Parser, run
 from lean.errors import LeanError, reason
+from lean.files import write_atomically
 from lean.images import SUFFIXES, decode_rgb
 from lean.progress import Progress
 
@@ -130,9 +130,7 @@ def label(image, boxes, names, colours):
 
 
 def save_png(image, path):
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: Image.fromarray(image.permute(1, 2, 0).numpy()).save(temporary, "PNG"))
 
 
 def as_json(path, picture, prediction, spec, scale=1.0):

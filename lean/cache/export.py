@@ -8,7 +8,6 @@ the same targets, but for instances with a zero-width or zero-height box, which 
 """
 
 import json
-import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from lean.errors import LeanError
+from lean.files import write_atomically
 from lean.images import SUFFIXES
 
 
@@ -46,7 +46,8 @@ def export_coco(cache, folder, progress=None):
             progress.update()
     categories = [{"id": int(c), "name": name} for c, name in zip(cache.category_ids, cache.classes)]
     path = folder / "annotations.json"
-    _write_atomically(path, json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    text = json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    write_atomically(path, lambda temporary: temporary.write_text(text))
     return path
 
 
@@ -63,15 +64,8 @@ def _file_name(cache, i):
 def _write_image(cache, i, folder, name):
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
     if cache.stored == "encoded":
-        temporary.write_bytes(bytes(cache.encoded(i)))
+        write_atomically(path, lambda temporary: temporary.write_bytes(bytes(cache.encoded(i))))
     else:
-        Image.fromarray(np.ascontiguousarray(cache.image(i))).save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
-def _write_atomically(path, text):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+        pixels = np.ascontiguousarray(cache.image(i))
+        write_atomically(path, lambda temporary: Image.fromarray(pixels).save(temporary, format="PNG"))
