@@ -2,8 +2,6 @@
 
 import numpy as np
 
-from lean.cache.writer import derive
-
 
 def first_corrupted(cache, progress=None):
     """None when what the cache holds for every image still has the checksum it was written with, else one line
@@ -24,7 +22,7 @@ def first_mismatch(cache, source, progress=None):
     for i, name in enumerate(source.names):
         if cache.names[i] != name:
             return f"image {i}: the cache has {cache.names[i]}, the source {name}"
-        example = derive(source, i)
+        example = source.load(i)
         for what, cached, loaded in (
             ("pixels", cache.image(i), example.pixels),
             ("masks", cache.masks(i), example.masks),

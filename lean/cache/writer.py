@@ -37,11 +37,6 @@ def default_pixels(sizes):
     return "raw" if int((sizes[:, 0] * sizes[:, 1]).sum()) * 3 < RAW_LIMIT else "encoded"
 
 
-def derive(source, i, encoded=False):
-    """The Example of source image i, its size checked against the one the layout was made from."""
-    return source.load(i, encoded)
-
-
 class _Job:
     """One build's shared state: the source, the layout, and the temporary file to write pixels into."""
 
@@ -61,7 +56,7 @@ class _Job:
     def store(self, i):
         """Load example i, write its pixels into the file; returns its instances, encoded masks, digest and the
         checksum of what the cache holds for it."""
-        example = derive(self.source, i, self.encoded)
+        example = self.source.load(i, self.encoded)
         name = self.source.names[i]
         if tuple(example.size) != tuple(self.sizes[i]):
             raise LeanError(
