@@ -119,10 +119,9 @@ def _instance_parts(cache, index, train):
     keep = np.ones(len(instances["boxes"]), dtype=bool)
     if train:
         keep = ~is_degenerate(instances["boxes"]) & (instances["iscrowd"] == 0)
-    first = int(cache.instance_offsets[index])
     return {
         "image_id": np.array([index], dtype=np.int64),
-        "masks": np.flatnonzero(keep) + first,  # indices into the cache's mask arrays
+        "masks": np.flatnonzero(keep),  # which of the image's masks
         **{name: instances[name][keep] for name in ("boxes", "area", "labels", "iscrowd")},
     }
 
@@ -145,16 +144,15 @@ class _InstanceTable:
         return self.known[index][int(flipped)]
 
 
-def _mask_bits(cache, mask_indices):
-    """(crops (n, 4), bits, offsets (n+1,) into bits) of the cache's masks `mask_indices`, bits copied."""
-    crops = cache.mask_crops[mask_indices]
-    starts, ends = cache.mask_offsets[mask_indices], cache.mask_offsets[mask_indices + 1]
-    all_bits = cache.tensors()[1].numpy()  # a view of the memory map
-    if len(mask_indices) and (np.diff(mask_indices) == 1).all():  # an image's instances, none left out: one slice
-        return crops, np.array(all_bits[starts[0] : ends[-1]]), np.append(starts, ends[-1]) - starts[0]
-    bits = [all_bits[start:end] for start, end in zip(starts, ends)]
-    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-    return crops, (np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint8)), offsets
+def _mask_bits(cache, index, kept):
+    """(crops (n, 4), bits, offsets (n+1,) into bits) of image `index`'s masks `kept`: Cache.mask_parts (a view of
+    the memory map) where none is left out, else the kept ones joined."""
+    crops, bits, offsets = cache.mask_parts(index)
+    if len(kept) == len(crops):
+        return crops, bits, offsets
+    starts, ends = offsets[kept], offsets[kept + 1]
+    joined = np.concatenate([bits[start:end] for start, end in zip(starts, ends)] or [np.zeros(0, np.uint8)])
+    return crops[kept], joined, np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
 
 
 def _pixels(cache, index):
@@ -172,7 +170,7 @@ def _mapped_parts(cache, batch, instances, flips):
     parts = []
     for index, arrays in zip(batch, instances):
         height, width = (int(side) for side in cache.sizes[index])
-        crops, bits, offsets = _mask_bits(cache, arrays["masks"])
+        crops, bits, offsets = _mask_bits(cache, index, arrays["masks"])
         masks = mask_codec.decode(crops, bits, offsets, height, width, flip=bool(flips[index]))
         fields = {name: torch.from_numpy(arrays[name].copy()) for name in _FIELDS if name != "bits"}
         parts.append({"index": index, "pixels": _pixels(cache, index), "masks": torch.from_numpy(masks), **fields})
@@ -187,7 +185,7 @@ def _pack(cache, batch, instances, slot):
     cursor = 0
     layout = []
     for index, instance_arrays in zip(batch, instances):
-        crops, bits, offsets = _mask_bits(cache, instance_arrays["masks"])
+        crops, bits, offsets = _mask_bits(cache, index, instance_arrays["masks"])
         arrays = {"pixels": _pixels(cache, index).numpy(), "bits": bits}
         arrays |= {name: instance_arrays[name] for name in _FIELDS if name != "bits"}
         spans = {}
