@@ -332,6 +332,14 @@ def coco_section(repeats, scratch, count):
         rows.append(
             ("coco", f"Loader on CPU, {pixels} pixels, uint8, images/s", baseline, references, rate, rate / references)
         )
+    if torch.cuda.is_available():
+        for device_decode, how in ((False, "decoded on the CPU"), (True, "JPEGs decoded by nvJPEG")):
+            loader = Loader(
+                caches["encoded"], batch_size=2, device="cuda", dtype=torch.uint8, device_decode=device_decode
+            )
+            rate = count / median_seconds(loader_epoch(loader, cuda=True), repeats)
+            measure = f"Loader on CUDA, encoded pixels {how}, uint8, images/s"
+            rows.append(("coco", measure, baseline, references, rate, rate / references))
     jpegs = sum(image["path"].stat().st_size for image in source.images)
     masks = int(caches["encoded"].mask_offsets[-1])
     encoded = os.path.getsize(scratch / "coco-encoded.h5")

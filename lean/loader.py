@@ -6,7 +6,10 @@ The flow per batch, on CUDA:
     device bytes  --assemble, on the device-->  images, masks, boxes: what MaskRCNN.forward takes
 
 and on the CPU, where there is no copy to make, the thread assembles each
-batch straight from zero-copy tensors over the memory map.
+batch straight from zero-copy tensors over the memory map. A cache of encoded
+pixels has its JPEGs decoded on the device, a batch at a time, by nvJPEG
+(torchvision's decode_jpeg), in the thread and on a stream of its own; other
+files are decoded on the CPU and copied with the rest.
 
 Which images form which batch, and which are flipped, are pure functions of
 (seed, epoch), computed from `cache.sizes` alone. So the batches are the same
@@ -20,8 +23,11 @@ import time
 
 import numpy as np
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from lean import masks as mask_codec
+from lean.errors import LeanError
+from lean.images import decode_rgb
 from lean.targets import flip_boxes, is_degenerate
 
 # Aspect-ratio bin edges on H / W, as torchvision's references make them (2 ** linspace(-1, 1, 7)).
@@ -164,6 +170,37 @@ def _pixels(cache, index):
     return pixels[3 * int(cache.pixel_offsets[index]) : 3 * int(cache.pixel_offsets[index + 1])].view(height, width, 3)
 
 
+def _is_jpeg(data):
+    return len(data) >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF  # start-of-image marker
+
+
+def _device_decodable(cache, batch):
+    """The images of `batch` that nvJPEG decodes: JPEGs, in a cache of encoded pixels."""
+    if cache.stored != "encoded":
+        return []
+    return [index for index in batch if _is_jpeg(cache.encoded(index)[:3])]
+
+
+def _decode_on_device(cache, indices, device, stream):
+    """{index: 3 x H x W uint8 image on `device`} of the JPEGs `indices`, decoded on `stream`, and the event
+    that marks them done. The stream is the decoder's caller only: torchvision allocates the outputs on the
+    current stream, and one reused by the train step could hand nvJPEG memory the step still reads."""
+    files, _ = cache.tensors()
+    encoded = [files[int(cache.pixel_offsets[i]) : int(cache.pixel_offsets[i + 1])] for i in indices]
+    with torch.cuda.stream(stream):
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one file nvJPEG cannot read fails the batch: libjpeg-turbo reads more kinds
+            images = [decode_rgb(data, cache.names[i]).to(device) for i, data in zip(indices, encoded)]
+        done = torch.cuda.Event()
+        done.record(stream)
+    for index, image in zip(indices, images):
+        if tuple(image.shape[1:]) != tuple(int(side) for side in cache.sizes[index]):
+            raise LeanError(f"{cache.path}: image {cache.names[index]} decodes to {tuple(image.shape[1:])}, not the "
+                            f"cached size {tuple(cache.sizes[index])}; rebuild the cache")  # fmt: skip
+    return dict(zip(indices, images)), done
+
+
 def _mapped_parts(cache, batch, instances, flips):
     """Per image: pixels as a tensor over the memory-mapped cache (or decoded), its masks, in the orientation
     `flips` gives, and its instance arrays, copied, so what the caller gets is its own."""
@@ -177,16 +214,17 @@ def _mapped_parts(cache, batch, instances, flips):
     return parts
 
 
-def _pack(cache, batch, instances, slot):
-    """Copy a batch's pixels, mask bits and instance arrays into `slot`, each 8-byte aligned; returns the bytes
-    used. `slot.layout` records, per image, its index, size, mask crops and bit offsets, and each part's
-    byte span."""
+def _pack(cache, batch, instances, slot, decoded_elsewhere=()):
+    """Copy a batch's pixels (but those of the images `decoded_elsewhere`), mask bits and instance arrays into
+    `slot`, each 8-byte aligned; returns the bytes used. `slot.layout` records, per image, its index, size,
+    mask crops and bit offsets, and each part's byte span."""
     host = slot.buffer.numpy()
     cursor = 0
     layout = []
     for index, instance_arrays in zip(batch, instances):
         crops, bits, offsets = _mask_bits(cache, index, instance_arrays["masks"])
-        arrays = {"pixels": _pixels(cache, index).numpy(), "bits": bits}
+        arrays = {} if index in decoded_elsewhere else {"pixels": _pixels(cache, index).numpy()}
+        arrays["bits"] = bits
         arrays |= {name: instance_arrays[name] for name in _FIELDS if name != "bits"}
         spans = {}
         for name, array in arrays.items():
@@ -200,15 +238,18 @@ def _pack(cache, batch, instances, slot):
     return cursor
 
 
-def _unpacked_parts(data, layout, flips):
+def _unpacked_parts(data, layout, flips, decoded=None):
     """The parts _pack laid out, as views of `data` (the slot's bytes, on whichever device they now are), the
-    masks made there."""
+    masks made there; pixels from `decoded` ({index: 3 x H x W image}) where _pack left them out."""
     parts = []
     for item in layout:
         height, width = item["size"]
         part = {name: data[slice(*item[name])].view(dtype) for name, dtype in _FIELDS.items()}
         part["index"] = item["index"]
-        part["pixels"] = data[slice(*item["pixels"])].view(height, width, 3)
+        if "pixels" in item:
+            part["pixels"] = data[slice(*item["pixels"])].view(height, width, 3)
+        else:
+            part["pixels"] = decoded[item["index"]].permute(1, 2, 0)
         flipped = bool(flips[item["index"]])
         part["masks"] = paste_masks(part.pop("bits"), item["crops"], item["offsets"], height, width, flipped)
         parts.append(part)
@@ -272,7 +313,8 @@ class Loader:
     batch k of it); `len(loader)` is the epoch's full number of batches.
     With train=True, images are flipped left-right with p = 0.5 and
     instances with zero-width or zero-height boxes, which Mask R-CNN's
-    training refuses, are left out of the targets.
+    training refuses, are left out of the targets. `device_decode=False`
+    decodes a CUDA loader's JPEGs on the CPU instead of with nvJPEG.
     """
 
     def __init__(
@@ -288,9 +330,11 @@ class Loader:
         world_size=1,
         drop_last=False,
         dtype=torch.float32,
+        device_decode=True,
     ):
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.device = torch.device(device)
+        self.device_decode = device_decode and self.device.type == "cuda" and cache.stored == "encoded"
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.train, self.rank, self.world_size, self.drop_last = train, rank, world_size, drop_last
         self.dtype = dtype
@@ -367,6 +411,7 @@ class Loader:
         free = queue.Queue()
         for _ in range(PREFETCH + 2):  # being packed, ready (PREFETCH), being copied
             free.put(_Slot(self._slot_capacity()))
+        decode_stream = torch.cuda.Stream(self.device) if self.device_decode else None
 
         def pack(batch):
             slot = free.get()
@@ -374,7 +419,9 @@ class Loader:
                 raise _Stopped
             if slot.copied is not None:
                 slot.copied.synchronize()  # the device copy may still be reading this buffer
-            return slot, _pack(self.cache, batch, self._batch_instances(batch, flips), slot)
+            jpegs = _device_decodable(self.cache, batch) if self.device_decode else []
+            decoded = _decode_on_device(self.cache, jpegs, self.device, decode_stream) if jpegs else ({}, None)
+            return slot, _pack(self.cache, batch, self._batch_instances(batch, flips), slot, jpegs), decoded
 
         ahead = _Ahead(pack, batches, on_stop=lambda: free.put(None))
         try:
@@ -393,22 +440,26 @@ class Loader:
         def start_copy(ready):
             if ready is None:
                 return None
-            slot, used = ready
+            slot, used, decoded = ready
             with torch.cuda.stream(copy_stream):
                 data = slot.buffer[:used].to(self.device, non_blocking=True)
                 slot.copied = torch.cuda.Event()
                 slot.copied.record(copy_stream)
-            return slot, slot.layout, data
+            return slot, slot.layout, data, decoded
 
         ready = iter(packed)
         in_flight = start_copy(next(ready, None))
         while in_flight is not None:
-            slot, layout, data = in_flight
+            slot, layout, data, (decoded, decoded_done) = in_flight
             compute_stream.wait_event(slot.copied)
             data.record_stream(compute_stream)  # the allocator must not reuse it before compute is done
+            if decoded_done is not None:
+                compute_stream.wait_event(decoded_done)
+                for image in decoded.values():
+                    image.record_stream(compute_stream)
             in_flight = start_copy(next(ready, None))
             free.put(slot)  # pack() waits on slot.copied before refilling it
-            yield assemble(_unpacked_parts(data, layout, flips), flips, self.dtype)
+            yield assemble(_unpacked_parts(data, layout, flips, decoded), flips, self.dtype)
 
 
 class _Stopped(Exception):

@@ -9,10 +9,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from lean.cache import Cache, build
 from lean.loader import (
     Loader,
+    _device_decodable,
     _mapped_parts,
     _pack,
     _Slot,
@@ -24,6 +26,7 @@ from lean.loader import (
 )
 from lean.synthetic import SyntheticSource
 from lean.targets import targets as derive_targets
+from tests.coco_files import annotation, dataset, polygon, write_coco
 from tests.conftest import ArraySource, ExampleSource, overlapping_example
 from tests.strategies import image_sizes, instance_maps
 
@@ -181,6 +184,45 @@ def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
             assert all(torch.equal(got[key], want[key]) for key in want)
 
 
+@pytest.fixture(scope="module")
+def photo_caches(tmp_path_factory):
+    """(raw, encoded) caches of a COCO folder of five JPEGs and one PNG, two overlapping instances each."""
+    from lean.coco import CocoSource
+
+    folder = tmp_path_factory.mktemp("photos")
+    names = [f"{k}.png" if k == 2 else f"sub/{k}.jpg" for k in range(6)]
+    images = [{"id": k + 1, "file_name": name, "width": 48 + 8 * k, "height": 40} for k, name in enumerate(names)]
+    overlapping = [(2 * k + j + 1, k + 1, j + 1, 4 + 6 * j) for k in range(6) for j in range(2)]
+    instances = [annotation(n, image_id, label, [polygon(x, 5, 20, 20)], bbox=[x, 5, 20, 20])
+                 for n, image_id, label, x in overlapping]  # fmt: skip
+    path = write_coco(folder, dataset(instances, images))
+    for name in names[:2] + names[3:]:  # write_coco saved PNG bytes under every name
+        Image.open(folder / name).convert("RGB").save(folder / name, format="JPEG", quality=90)
+    return tuple(
+        Cache(build(CocoSource(path), folder / f"{kind}.h5", workers=0, progress=False, pixels=kind))
+        for kind in ("raw", "encoded")
+    )
+
+
+def test_images_decoded_on_the_device_fill_the_places_packing_left_for_them(photo_caches):
+    # What the CUDA path does with nvJPEG's images, run on the CPU with the CPU's decoder in its place.
+    from torchvision.io import decode_jpeg
+
+    raw, encoded = photo_caches
+    loader = Loader(encoded, batch_size=3, device="cpu", seed=2, dtype=torch.uint8)
+    slot = _Slot(loader._slot_capacity(), pinned=False)
+    flips = loader.flips()
+    want = Loader(raw, batch_size=3, device="cpu", seed=2, dtype=torch.uint8)
+    for batch, (want_images, want_targets) in zip(loader.batches(), want):
+        jpegs = _device_decodable(encoded, batch)
+        assert len(jpegs) == len([i for i in batch if encoded.names[i].endswith(".jpg")])
+        decoded = {i: decode_jpeg(torch.from_numpy(encoded.encoded(i).copy())) for i in jpegs}
+        used = _pack(encoded, batch, loader._batch_instances(batch, flips), slot, jpegs)
+        images, targets = assemble(_unpacked_parts(slot.buffer[:used], slot.layout, flips, decoded), flips, torch.uint8)
+        assert all(torch.equal(got, want) for got, want in zip(images, want_images))
+        assert all(torch.equal(got[key], want[key]) for got, want in zip(targets, want_targets) for key in want)
+
+
 # --- determinism and resume ----------------------------------------------------------------------
 
 
@@ -297,6 +339,25 @@ def test_cuda_batches_equal_cpu_batches(cache):
                 assert got.device.type == "cuda" and torch.allclose(got.cpu(), want)
             for got, want in zip(gpu_targets, cpu_targets):
                 assert all(got[key].device.type == "cuda" and torch.equal(got[key].cpu(), want[key]) for key in want)
+
+
+@cuda
+def test_cuda_decodes_a_caches_jpegs_with_nvjpeg_close_to_the_cpus_decoder(photo_caches):
+    raw, encoded = photo_caches
+    for dtype in (torch.uint8, torch.float32):
+        on_cpu = Loader(raw, batch_size=3, device="cpu", seed=2, dtype=dtype)
+        on_host = Loader(encoded, batch_size=3, device="cuda", seed=2, dtype=dtype, device_decode=False)
+        on_gpu = Loader(encoded, batch_size=3, device="cuda", seed=2, dtype=dtype)
+        for (gpu_images, gpu_targets), (host_images, _), (want_images, want_targets) in zip(on_gpu, on_host, on_cpu):
+            for got, host, want, target in zip(gpu_images, host_images, want_images, want_targets):
+                assert got.device.type == "cuda" and got.shape == want.shape and torch.equal(host.cpu(), want)
+                difference = (got.cpu().float() - want.float()).abs() * (255 if dtype.is_floating_point else 1)
+                if encoded.names[int(target["image_id"])].endswith(".png"):
+                    assert difference.max() == 0  # decoded on the CPU and copied
+                else:  # two JPEG decoders agree to within rounding of their inverse DCTs and upsampling
+                    assert difference.mean() < 1.5
+            for got, want in zip(gpu_targets, want_targets):
+                assert all(torch.equal(got[key].cpu(), want[key]) for key in want)
 
 
 @cuda
