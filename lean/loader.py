@@ -5,8 +5,10 @@ The flow per batch, on CUDA:
     cache (memory-mapped)  --thread: pack-->  pinned host slot  --side stream, non_blocking-->
     device bytes  --assemble, on the device-->  images, masks, boxes: what MaskRCNN.forward takes
 
-and on the CPU, where there is no copy to make, the thread assembles each
-batch straight from zero-copy tensors over the memory map. A cache of encoded
+and on the CPU, where there is no copy to make, each batch is assembled when
+asked for, in the caller's thread, straight from zero-copy tensors over the
+memory map: handing batches over from a thread cost more than it overlapped
+(docs/performance.md). A cache of encoded
 pixels has its JPEGs decoded on the device, a batch at a time, by nvJPEG
 (torchvision's decode_jpeg), in the thread and on a stream of its own; other
 files are decoded on the CPU and copied with the rest.
@@ -342,7 +344,7 @@ class Loader:
         self.epoch, self.start_batch = 0, 0
         self._batches = None  # (epoch, its batches): len(loader) is asked every step
         self._instances = _InstanceTable(cache, train)
-        self.wait_seconds = 0.0  # time the consumer spent waiting for the gather thread (CPU side)
+        self.wait_seconds = 0.0  # time the consumer spent waiting for its batches (on the host)
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -395,17 +397,12 @@ class Loader:
         batches = self.batches()[self.start_batch :]
         flips = self.flips()
         if self.device.type != "cuda":
-            # The thread makes whole batches straight from the memory map, ready while the caller computes.
-            def make(batch):
+            for batch in batches:
+                start = time.perf_counter()
                 parts = _mapped_parts(self.cache, batch, self._batch_instances(batch, flips), flips)
-                return assemble(parts, flips, self.dtype)
-
-            ahead = _Ahead(make, batches)
-            try:
-                yield from ahead
-            finally:
-                self.wait_seconds += ahead.wait_seconds
-                ahead.stop()
+                images_targets = assemble(parts, flips, self.dtype)
+                self.wait_seconds += time.perf_counter() - start
+                yield images_targets
             return
 
         free = queue.Queue()
