@@ -387,7 +387,7 @@ def eval_section(root, repeats, scratch):
     seed_stats = seed_evaluate(root, test, predictions)
     lean_stats = coco_eval(cache, test, predictions, verbose=False)
     same = all(np.allclose(seed_stats[kind], lean_stats[kind]["stats"], atol=1e-4) for kind in ("bbox", "segm"))
-    return [
+    rows = [
         (
             "eval",
             f"score {len(test)} test images, seconds (stats identical: {same})",
@@ -397,6 +397,34 @@ def eval_section(root, repeats, scratch):
             seed_s / lean_s,
         )
     ]
+    if torch.cuda.is_available():
+        rows.append(evaluation_on_device(root, repeats, scratch, torch.device("cuda")))
+    return rows
+
+
+def evaluation_on_device(root, repeats, scratch, device, min_size=800, max_size=1333):
+    """Seconds to evaluate the 50 test images on `device`, predicting included: the tutorial's script's way
+    (bench.seed_job.evaluate) against lean.evaluate.evaluate with lean's CUDA defaults, both from the same
+    random init in the layout `--weights none` gives (a random model proposes the most regions: a worst case)."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from bench.seed_job import evaluate as seed_job_evaluate
+    from bench.seed_job import loaders
+    from lean.evaluate import evaluate
+
+    torch.manual_seed(0)
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=min_size,
+                                      max_size=max_size)  # fmt: skip
+    spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, pretrained=False)
+    speed = Speed.for_device(device)
+    model = tune_for_speed(build_model(spec, reference.state_dict()).to(device), speed)
+    reference.to(device)
+    _, test_loader, test = loaders(root, 50, 0)
+    cache = scratch_cache(root, scratch)  # its images are the PNGs' in sorted order, as the seed's Dataset lists them
+    seed_s = median_seconds(lambda: seed_job_evaluate(reference, test_loader, test, root, device), repeats)
+    lean_s = median_seconds(lambda: evaluate(model, cache, test, device, speed.amp, verbose=False), repeats)
+    measure = f"evaluate {len(test)} test images on {device.type}, predicting included, {min_size}/{max_size}, seconds"
+    return ("eval", measure, "the tutorial's script (bench.seed_job)", seed_s, lean_s, seed_s / lean_s)
 
 
 def print_header(header):

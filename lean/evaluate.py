@@ -166,9 +166,19 @@ def in_source_terms(cache, results):
              "category_id": int(cache.category_ids[result["category_id"] - 1])} for result in results]  # fmt: skip
 
 
+def on_host(output):
+    """A torchvision output dict on the CPU, its masks cut at 0.5 where they are, as every use of them here
+    cuts them: a bool mask is a quarter of a float one to copy off the device, and a bf16 mask is cut as
+    its float32 value would be."""
+    output = dict(output)
+    if "masks" in output:
+        output["masks"] = output["masks"] > 0.5
+    return {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in output.items()}
+
+
 @torch.no_grad()
 def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
-    """torchvision predictions (on the CPU) for `indices`, in that order."""
+    """torchvision predictions (on the CPU, masks cut at 0.5: `on_host`) for `indices`, in that order."""
     model.eval()
     loader = Loader(cache, batch_size, shuffle=False, device=device, indices=indices, train=False, dtype=torch.uint8)
     progress = Progress(len(indices), "evaluate", rate="images/s")
@@ -176,10 +186,7 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
     for images, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)
-        predictions += [
-            {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in out.items()}
-            for out in outputs
-        ]
+        predictions += [on_host(output) for output in outputs]
         progress.update(len(images))
     return predictions
 

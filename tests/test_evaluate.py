@@ -16,12 +16,24 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from bench.seed_pipeline import seed_targets
 from lean.cache import Cache, build
 from lean.checkpoint import load_model
-from lean.evaluate import STAT_NAMES, coco_eval
+from lean.evaluate import STAT_NAMES, coco_eval, detections, on_host
 from lean.evaluate import main as evaluate_main
 from lean.predict import main as predict_main
 from lean.sources import PennFudanSource
 from lean.train import main as train_main
 from tests.conftest import SMALL, cli
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_cut_before_leaving_the_device_give_the_detections_the_float_masks_give(dtype):
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, 1, 9, 7, generator=generator)
+    masks[0, 0, 0, :3] = torch.tensor([0.5, 0.5 + 1e-3, 0.5 - 1e-3])  # at and around the cut
+    output = {"boxes": torch.rand(4, 4) * 5, "scores": torch.rand(4), "labels": torch.ones(4, dtype=torch.int64),
+              "masks": masks.to(dtype)}  # fmt: skip
+    host = on_host(output)
+    assert host["masks"].dtype == torch.bool and host["scores"].dtype == torch.float32
+    assert detections([3], [host]) == detections([3], [{**output, "masks": output["masks"].float()}])
 
 
 @pytest.fixture
