@@ -29,10 +29,15 @@ def encode(masks):
     return crops, bits, offsets
 
 
-def crop_of(bits, crop):
-    """The h x w uint8 crop that `bits` hold."""
+def crop_of(bits, crop, flip=False):
+    """The h x w uint8 crop that `bits` hold; `flip`: mirrored left to right, as a view whose rows are contiguous
+    (the bits read backwards are the crop turned half a circle; its rows then come in reverse order), which
+    copies row by row where the mirrored view of the upright crop copies byte by byte."""
     _, _, h, w = (int(v) for v in crop)
-    return np.unpackbits(bits, count=h * w).reshape(h, w)
+    if not flip:
+        return np.unpackbits(bits, count=h * w).reshape(h, w)
+    padding = 8 * len(bits) - h * w  # the last byte's unused low bits, first when read backwards
+    return np.unpackbits(bits[::-1], bitorder="little")[padding:].reshape(h, w)[::-1]
 
 
 def decode(crops, bits, offsets, height, width, flip=False):
@@ -43,10 +48,9 @@ def decode(crops, bits, offsets, height, width, flip=False):
         y, x, h, w = (int(v) for v in crop)
         if h == 0:
             continue
-        pixels = crop_of(bits[offsets[n] : offsets[n + 1]], crop)
         if flip:
-            pixels, x = pixels[:, ::-1], width - x - w
-        masks[n, y : y + h, x : x + w] = pixels
+            x = width - x - w
+        masks[n, y : y + h, x : x + w] = crop_of(bits[offsets[n] : offsets[n + 1]], crop, flip)
     return masks
 
 
