@@ -1,17 +1,17 @@
-"""Batches from the cache, made ahead in a background thread, on the device.
+"""Batches from the cache, on the device: on CUDA made ahead in a background thread, on the CPU when asked for.
 
 The flow per batch, on CUDA:
 
     cache (memory-mapped)  --thread: pack-->  pinned host slot  --side stream, non_blocking-->
     device bytes  --assemble, on the device-->  images, masks, boxes: what MaskRCNN.forward takes
 
-and on the CPU, where there is no copy to make, each batch is assembled when
-asked for, in the caller's thread, straight from zero-copy tensors over the
-memory map: handing batches over from a thread cost more than it overlapped
-(docs/performance.md). A cache of encoded
-pixels has its JPEGs decoded on the device, a batch at a time, by nvJPEG
-(torchvision's decode_jpeg), in the thread and on a stream of its own; other
-files are decoded on the CPU and copied with the rest.
+A cache of encoded pixels has its JPEGs decoded on the device instead, a batch
+at a time, by nvJPEG (torchvision's decode_jpeg), in the thread and on a stream
+of its own; other files are decoded on the CPU and copied with the rest.
+
+On the CPU, where there is no copy to make, each batch is assembled in the
+caller's thread, straight from zero-copy tensors over the memory map: handing
+batches over from a thread cost more than it overlapped (docs/performance.md).
 
 Which images form which batch, and which are flipped, are pure functions of
 (seed, epoch), computed from `cache.sizes` alone. So the batches are the same
@@ -400,9 +400,9 @@ class Loader:
             for batch in batches:
                 start = time.perf_counter()
                 parts = _mapped_parts(self.cache, batch, self._batch_instances(batch, flips), flips)
-                images_targets = assemble(parts, flips, self.dtype)
+                images, targets = assemble(parts, flips, self.dtype)
                 self.wait_seconds += time.perf_counter() - start
-                yield images_targets
+                yield images, targets
             return
 
         free = queue.Queue()
