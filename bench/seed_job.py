@@ -4,9 +4,8 @@ The tutorial's script, written here from its description: 50 random test images,
 with flips; batches of 2 from 4 DataLoader workers, test images one at a time; SGD (lr 0.005, momentum
 0.9, weight decay 5e-4) with the references' warmup in the first epoch and the rate divided by 10 every
 3 epochs; each step reads its loss (the references' check that it is finite); after every epoch the
-references' evaluation (bench.seed_pipeline.seed_evaluate). The model is what the tutorial's call builds
-without weights (live BatchNorm, every layer trained), as `lean.train --weights none` builds it: COCO
-weights cannot be downloaded on every machine, and from a random init the frozen layout diverges.
+references' evaluation (bench.seed_pipeline.seed_evaluate). The model is
+bench.seed_pipeline.seed_model_from_scratch, as `lean.train --weights none` builds it.
 """
 
 import math
@@ -14,9 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from bench.seed_pipeline import SeedPennFudan, collate, seed_evaluate
+from bench.seed_pipeline import SeedPennFudan, collate, seed_evaluate, seed_model_from_scratch
 from lean.cli import Parser, run
 from lean.optim import lr_factor
 from lean.sources import default_root
@@ -80,8 +78,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     train_loader, test_loader, test_indices = loaders(root, 50, args.seed)
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=args.min_size,
-                                  max_size=args.max_size).to(device)  # fmt: skip
+    model = seed_model_from_scratch(args.min_size, args.max_size).to(device)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.005, momentum=0.9, weight_decay=0.0005)
     steps = len(train_loader)

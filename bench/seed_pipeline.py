@@ -96,6 +96,16 @@ def seed_model(min_size, max_size):
     return model
 
 
+def seed_model_from_scratch(min_size, max_size):
+    """What the tutorial's call builds without weights (live BatchNorm, every layer trained), as
+    `lean.train --weights none` builds it: the model of the tutorial's whole job where no weights can be
+    downloaded, since from a random init the frozen layout of `seed_model` diverges."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=min_size,
+                                 max_size=max_size)  # fmt: skip
+
+
 def seed_evaluate(root, indices, predictions):
     """The references' evaluation, as the tutorial runs it: ground truth rebuilt by iterating the dataset
     (decoding every test image and mask), results prepared image by image on one CPU thread, then COCOeval.

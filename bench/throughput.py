@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.seed_pipeline import seed_loader, seed_model
+from bench.seed_pipeline import seed_loader, seed_model, seed_model_from_scratch
 from lean.cache import Cache, build
 from lean.cli import Parser, run
 from lean.engine import train_step
@@ -406,15 +406,12 @@ def evaluation_on_device(root, repeats, scratch, device, min_size=800, max_size=
     """Seconds to evaluate the 50 test images on `device`, predicting included: the tutorial's script's way
     (bench.seed_job.evaluate) against lean.evaluate.evaluate with lean's CUDA defaults, both from the same
     random init in the layout `--weights none` gives (a random model proposes the most regions: a worst case)."""
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
     from bench.seed_job import evaluate as seed_job_evaluate
     from bench.seed_job import loaders
     from lean.evaluate import evaluate
 
     torch.manual_seed(0)
-    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=min_size,
-                                      max_size=max_size)  # fmt: skip
+    reference = seed_model_from_scratch(min_size, max_size)
     spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, pretrained=False)
     speed = Speed.for_device(device)
     model = tune_for_speed(build_model(spec, reference.state_dict()).to(device), speed)
