@@ -47,7 +47,7 @@ class Cache:
         damage = structure_damage(self)
         if damage:
             raise LeanError(f"{self.path}: damaged cache ({damage}); rebuild it")
-        self._maps = None
+        self._maps = self._tensors = None
         self._pid = None
 
     def __len__(self):
@@ -64,12 +64,13 @@ class Cache:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_maps"] = state["_pid"] = None  # a memory map is per process; never pickle its pixels
+        state["_maps"] = state["_tensors"] = state["_pid"] = None  # a memory map is per process; never pickle it
         return state
 
     def _mapped(self):
         if self._pid != os.getpid():
             self._maps = {name: self._memmap(name) for name in MAPPED}
+            self._tensors = tuple(torch.from_numpy(self._maps[name]) for name in ("pixels", "mask_bits"))
             self._pid = os.getpid()
         return self._maps
 
@@ -78,12 +79,14 @@ class Cache:
         if length == 0:
             return np.zeros(0, dtype=np.uint8)
         # Copy-on-write, so torch can wrap it without complaint; nothing is ever written back to the file.
-        return np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._offsets[name], shape=(length,))
+        # A plain ndarray over the map: every slice of an np.memmap runs Python code, thousands an epoch.
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._offsets[name], shape=(length,))
+        return mapped.view(np.ndarray)
 
     def tensors(self):
         """(pixels, mask bits) of the whole cache as flat uint8 tensors over the memory map, no copy."""
-        maps = self._mapped()
-        return torch.from_numpy(maps["pixels"]), torch.from_numpy(maps["mask_bits"])
+        self._mapped()
+        return self._tensors
 
     @staticmethod
     def _read_only(view):
