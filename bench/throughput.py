@@ -13,6 +13,7 @@ import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -71,6 +72,34 @@ def loader_epoch(loader, cuda=False):
             pass
         if cuda:
             torch.cuda.synchronize()
+
+    return work
+
+
+def memory_floor(cache, workers):
+    """The least any loader of a raw cache does, lean's included: each image's pixels copied out of the cache and
+    its N x H x W masks zeroed (nothing unpacked, pasted or flipped), in the Loader's batches of 2, on `workers`
+    threads: what the tutorial's target format costs in memory traffic alone."""
+    batches = Loader(cache, batch_size=2, device="cpu").batches()
+    instances = np.diff(cache.instance_offsets)
+    pixels, _ = cache.tensors()
+
+    def batch(indices):
+        made = []
+        for i in indices:
+            height, width = (int(side) for side in cache.sizes[i])
+            span = slice(3 * int(cache.pixel_offsets[i]), 3 * int(cache.pixel_offsets[i + 1]))
+            made.append((pixels[span].clone(), np.zeros((int(instances[i]), height, width), dtype=np.uint8)))
+        return made
+
+    def work():
+        if workers == 1:
+            for indices in batches:
+                batch(indices)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            for _made in pool.map(batch, batches):
+                pass
 
     return work
 
@@ -332,6 +361,10 @@ def coco_section(repeats, scratch, count):
         rows.append(
             ("coco", f"Loader on CPU, {pixels} pixels, uint8, images/s", baseline, references, rate, rate / references)
         )
+    for workers in (1, 2):
+        rate = count / median_seconds(memory_floor(caches["raw"], workers), repeats)
+        measure = f"floor: raw pixels copied, masks zeroed, nothing else, {workers} thread(s), images/s"
+        rows.append(("coco", measure, baseline, references, rate, rate / references))
     if torch.cuda.is_available():
         for device_decode, how in ((False, "decoded on the CPU"), (True, "JPEGs decoded by nvJPEG")):
             loader = Loader(
