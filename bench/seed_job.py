@@ -3,8 +3,8 @@
 The tutorial's script, written here from its description: 50 random test images, the rest for training
 with flips; batches of 2 from 4 DataLoader workers, test images one at a time; SGD (lr 0.005, momentum
 0.9, weight decay 5e-4) with the references' warmup in the first epoch and the rate divided by 10 every
-3 epochs; each step reads its loss (the references' check that it is finite); after every epoch the
-references' evaluation (bench.seed_pipeline.seed_evaluate). The model is
+3 epochs; each step reads its loss (the references' check that it is finite, made here after the step);
+after every epoch the references' evaluation (bench.seed_pipeline.seed_evaluate). The model is
 bench.seed_pipeline.seed_model_from_scratch, as `lean.train --weights none` builds it.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.seed_pipeline import SeedPennFudan, collate, seed_evaluate, seed_model_from_scratch
+from bench.seed_pipeline import SeedPennFudan, collate, seed_evaluate, seed_model_from_scratch, seed_step
 from lean.cli import Parser, run
 from lean.optim import lr_factor
 from lean.sources import default_root
@@ -36,14 +36,9 @@ def loaders(root, test_size, seed):
 def train_one_epoch(model, optimizer, scheduler, loader, device):
     model.train()
     for images, targets in loader:
-        images = [image.to(device) for image in images]
-        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
-        loss = sum(model(images, targets).values())
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"loss is {loss.item()}, stopping training")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss = seed_step(model, optimizer, images, targets, device).item()
+        if not math.isfinite(loss):
+            raise SystemExit(f"loss is {loss}, stopping training")
         scheduler.step()
 
 

@@ -106,6 +106,18 @@ def seed_model_from_scratch(min_size, max_size):
                                  max_size=max_size)  # fmt: skip
 
 
+def seed_step(model, optimizer, images, targets, device):
+    """The tutorial's training step on one batch: copied to `device`, the five losses summed, one SGD step;
+    returns the summed loss, not read (reading it waits for the device)."""
+    images = [image.to(device) for image in images]
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    loss = sum(model(images, targets).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def seed_evaluate(root, indices, predictions):
     """The references' evaluation, as the tutorial runs it: ground truth rebuilt by iterating the dataset
     (decoding every test image and mask), results prepared image by image on one CPU thread, then COCOeval.

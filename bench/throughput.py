@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.seed_pipeline import seed_loader, seed_model, seed_model_from_scratch
+from bench.seed_pipeline import seed_loader, seed_model, seed_model_from_scratch, seed_step
 from lean.cache import Cache, build
 from lean.cli import Parser, run
 from lean.engine import train_step
@@ -228,13 +228,7 @@ def seed_training(root, device, min_size, max_size):
     optimizer = make_optimizer(model, 0.0, fused=False)  # the tutorial's SGD, as torch configures it by default
 
     def step(batch):
-        images, targets = batch
-        images = [image.to(device) for image in images]
-        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        seed_step(model, optimizer, *batch, device)
 
     return step, epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True)), weights
 
