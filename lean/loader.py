@@ -196,11 +196,19 @@ def _decode_on_device(cache, indices, device, stream):
             images = [decode_rgb(data, cache.names[i]).to(device) for i, data in zip(indices, encoded)]
         done = torch.cuda.Event()
         done.record(stream)
-    for index, image in zip(indices, images):
-        if tuple(image.shape[1:]) != tuple(int(side) for side in cache.sizes[index]):
+    decoded = dict(zip(indices, images))
+    _check_decoded_sizes(cache, decoded)
+    return decoded, done
+
+
+def _check_decoded_sizes(cache, decoded):
+    """One line naming the cache and the image where an image of `decoded` ({index: 3 x H x W}) is not the size
+    the cache records: the layout of the batch rests on it."""
+    for index, image in decoded.items():
+        cached = tuple(int(side) for side in cache.sizes[index])
+        if tuple(image.shape[1:]) != cached:
             raise LeanError(f"{cache.path}: image {cache.names[index]} decodes to {tuple(image.shape[1:])}, not the "
-                            f"cached size {tuple(cache.sizes[index])}; rebuild the cache")  # fmt: skip
-    return dict(zip(indices, images)), done
+                            f"cached size {cached}; rebuild the cache")  # fmt: skip
 
 
 def _mapped_parts(cache, batch, instances, flips):

@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -327,6 +328,22 @@ def test_a_worker_that_dies_fails_the_build_instead_of_hanging_it(tmp_path):
     examples = [synthesize(1, i) for i in range(6)]
     with pytest.raises(LeanError, match="worker process died"):
         build(DyingSource(examples, fail_at=3), tmp_path / "c.h5", workers=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+class MisreportingSource(ArraySource):
+    def sizes(self):
+        sizes = super().sizes()
+        sizes[1, 1] += 1  # a header that does not match the pixels it heads
+        return sizes
+
+
+def test_an_image_whose_pixels_differ_from_its_header_fails_the_build_naming_both_sizes(tmp_path):
+    examples = [synthesize(1, i) for i in range(3)]
+    height, width = examples[1][0].shape[:2]
+    message = f"ex1: decoded size {(height, width)} differs from its header {(height, width + 1)}"
+    with pytest.raises(LeanError, match=re.escape(message)):
+        build(MisreportingSource(examples), tmp_path / "c.h5", workers=0, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,6 +1,7 @@
 """The loader: which images form which batch, what reaches the model, and that it cleans up after itself."""
 
 import gc
+import re
 import threading
 import time
 
@@ -12,9 +13,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lean.cache import Cache, build
+from lean.errors import LeanError
 from lean.loader import (
     Loader,
     _Ahead,
+    _check_decoded_sizes,
     _device_decodable,
     _mapped_parts,
     _pack,
@@ -226,6 +229,15 @@ def test_images_decoded_on_the_device_fill_the_places_packing_left_for_them(phot
         images, targets = assemble(_unpacked_parts(slot.buffer[:used], slot.layout, flips, decoded), flips, torch.uint8)
         assert all(torch.equal(got, want) for got, want in zip(images, want_images))
         assert all(torch.equal(got[key], want[key]) for got, want in zip(targets, want_targets) for key in want)
+
+
+def test_an_image_decoded_to_another_size_than_the_cache_records_is_one_line_naming_it(photo_caches):
+    _, encoded = photo_caches
+    height, width = (int(side) for side in encoded.sizes[1])
+    _check_decoded_sizes(encoded, {1: torch.zeros(3, height, width, dtype=torch.uint8)})
+    message = f"{encoded.names[1]} decodes to {(height, width + 1)}, not the cached size {(height, width)}"
+    with pytest.raises(LeanError, match=re.escape(message)):
+        _check_decoded_sizes(encoded, {1: torch.zeros(3, height, width + 1, dtype=torch.uint8)})
 
 
 # --- determinism and resume ----------------------------------------------------------------------

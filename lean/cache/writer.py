@@ -58,10 +58,9 @@ class _Job:
         checksum of what the cache holds for it."""
         example = self.source.load(i, self.encoded)
         name = self.source.names[i]
-        if tuple(example.size) != tuple(self.sizes[i]):
-            raise LeanError(
-                f"{name}: decoded size {tuple(example.size)} differs from its header {tuple(self.sizes[i])}"
-            )
+        decoded, header = tuple(int(side) for side in example.size), tuple(int(side) for side in self.sizes[i])
+        if decoded != header:
+            raise LeanError(f"{name}: decoded size {decoded} differs from its header {header}")
         data = np.frombuffer(example.encoded, np.uint8) if self.encoded else np.ascontiguousarray(example.pixels)
         width = 1 if self.encoded else 3
         if data.size != (self.offsets[i + 1] - self.offsets[i]) * width:
