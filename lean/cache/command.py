@@ -103,6 +103,8 @@ def command_build(args):
 def command_info(args):
     cache = Cache(args.path)
     boxes, crowd = cache.instances["boxes"], int(cache.instances["iscrowd"].sum())
+    per_image = np.diff(cache.instance_offsets)
+    negatives = int((per_image == 0).sum())
     heights, widths = cache.sizes[:, 0], cache.sizes[:, 1]
     pixels = int((heights * widths).sum())
     stored = int(cache.pixel_offsets[-1]) * (3 if cache.stored == "raw" else 1)
@@ -113,7 +115,11 @@ def command_info(args):
         ("source", ", ".join(f"{key}={value}" for key, value in cache.params.items())),
         ("images", f"{len(cache)} ({heights.min()}-{heights.max()} x {widths.min()}-{widths.max()} px, H x W)"),
         ("pixels", f"{pixels} stored {cache.stored} ({stored / 2**20:.1f} MiB)"),
-        ("instances", f"{len(boxes)} (0-{np.diff(cache.instance_offsets).max()} per image, {crowd} crowd)"),
+        (
+            "instances",
+            f"{len(boxes)} ({per_image.min()}-{per_image.max()} per image, {negatives} images without any, "
+            f"{crowd} crowd)",
+        ),
         ("masks", f"{cache.mask_offsets[-1] / 2**20:.2f} MiB, each cropped to its box and bit-packed"),
         (
             "classes",
