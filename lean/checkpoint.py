@@ -18,6 +18,7 @@ model from it alone. Checkpoints of version 1 (no format mark, the command line'
 import dataclasses
 import fcntl
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lean.config import TrainConfig
-from lean.errors import LeanError, reason
+from lean.errors import LeanError, reason, refusal
 from lean.files import write_atomically
 from lean.model import ModelSpec, build_model
 
@@ -148,13 +149,7 @@ class Checkpointer:
 
 def load(path):
     """The checkpoint dict at `path`, or one line saying why it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeanError(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, foreign or tampered files alike
-        raise LeanError(f"{path}: not a loadable checkpoint ({reason(error)})") from None
+    state = _load_weights_only(path, "checkpoint")
     if not is_checkpoint(state):
         raise LeanError(f"{path}: not a lean checkpoint (no model and settings inside)")
     return state
@@ -208,18 +203,26 @@ def load_model(path, device):
 def read_weights(path):
     """(state dict, pretrained) from a weights file: a plain state dict is pretrained weights; a lean
     checkpoint's model comes in its own layout."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeanError(f"{path}: no such file")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike: the file is not usable weights
-        raise LeanError(f"{path}: not a loadable weights file ({reason(error)})") from None
+    loaded = _load_weights_only(path, "weights file")
     if not isinstance(loaded, dict):
         raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
     if is_checkpoint(loaded):
         return loaded["model"], model_spec(loaded).pretrained
     return loaded, True
+
+
+def _load_weights_only(path, what):
+    """torch.load of the file at `path` with nothing but tensors and plain values unpickled, or one line saying
+    why it is not a loadable `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # foreign or tampered files
+        raise LeanError(f"{path}: not a loadable {what} ({refusal(error)})") from None
+    except Exception as error:  # truncated files, zip and torch errors alike
+        raise LeanError(f"{path}: not a loadable {what} ({reason(error)})") from None
 
 
 def _rng_state():

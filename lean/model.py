@@ -17,9 +17,12 @@ every frozen BatchNorm is folded into the convolution before it
 """
 
 import math
+import os
+import pickle
 import sys
 import urllib.error
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
@@ -32,7 +35,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from lean.errors import LeanError, reason
+from lean.errors import LeanError, reason, refusal
 from lean.frozen_norm import fold_frozen_norms
 from lean.internals import overwrite_eps
 from lean.roi_align import SparseRoIAlign
@@ -43,6 +46,7 @@ COMPILED_CANVAS_STEP = 64
 CANVAS_LEVELS = 4  # side lengths per axis that batches are padded to, where shapes should be few
 SMALL_HIDDEN = 128  # channels of mobilenet_v3_fpn's mask head; its box head has 4x this
 SLIM_CHANNELS = 64  # resnet18_fpn's FPN and mask head channels; its box head has 4x this
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def build_model(spec, state=None, download=False):
     """
     if download and not spec.pretrained:
         raise ValueError("downloaded weights come in the pretrained layout")
-    with _download_errors("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
+    with _downloading("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
         model = _BUILDERS[spec.backbone](spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size)
     transform = model.transform
     model.transform = Uint8Transform(spec.min_size, spec.max_size, transform.image_mean, transform.image_std)
@@ -337,16 +341,28 @@ class WeightsUnavailable(LeanError):
     """The published weights could not be downloaded."""
 
 
-class _download_errors:
-    """Turn a failed weights download into one line saying so."""
+class _downloading:
+    """While published weights are fetched and loaded. torchvision's builders load them with torch.hub's
+    default, weights_only=False, so a weights-only load is forced here, as for every file lean reads; a
+    failed download, or a file in torch's cache that holds more than weights, becomes one line."""
 
     def __init__(self, what):
         self.what = what
 
     def __enter__(self):
+        self.before = os.environ.get(FORCE_WEIGHTS_ONLY)
+        os.environ[FORCE_WEIGHTS_ONLY] = "1"
         return self
 
     def __exit__(self, kind, error, traceback):
+        if self.before is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = self.before
+        if isinstance(error, pickle.UnpicklingError):
+            folder = Path(torch.hub.get_dir()) / "checkpoints"
+            raise WeightsUnavailable(f"{folder}: the {self.what} weights file there {refusal(error)}; delete it "
+                                     "to download it again")  # fmt: skip
         if isinstance(error, (urllib.error.URLError, OSError, RuntimeError)) and _is_download_error(error):
             why = getattr(error, "reason", None) or reason(error)
             raise WeightsUnavailable(f"cannot download the {self.what} weights ({why})") from None
