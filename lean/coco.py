@@ -21,12 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_util
 
-from lean.errors import LeanError, reason
+from lean.errors import LeanError
 from lean.example import Example
-from lean.images import read_rgb
+from lean.images import read_header, read_rgb
 
 SKIP_FEW_POINTS = "annotations whose polygons all have fewer than 3 points"
 SKIP_EMPTY_MASK = "annotations whose mask is empty"
@@ -89,7 +88,7 @@ class CocoSource:
         """(N, 2) int64 (height, width) from the JSON, checked against each file's header."""
         sizes = np.array([(image["height"], image["width"]) for image in self.images], dtype=np.int64).reshape(-1, 2)
         for image, (height, width) in zip(self.images, sizes):
-            found = _header_size(image["path"])
+            found = read_header(image["path"])[:2]
             if found != (height, width):
                 place = f"{self.path} gives {image['place']} as {width}x{height}"
                 raise LeanError(f"{image['path']}: is {found[1]}x{found[0]} but {place}")
@@ -229,15 +228,6 @@ def _images(data, path, folder):
         images.append({"id": image_id, "file_name": name, "path": folder / name, "height": height, "width": width,
                        "place": place})  # fmt: skip
     return images
-
-
-def _header_size(file):
-    try:
-        with Image.open(file) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise LeanError(f"{file}: not a readable image ({reason(error)})") from None
-    return height, width
 
 
 def _instance(annotation, image, path, place, skipped):

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from lean.errors import LeanError, reason
@@ -19,6 +20,17 @@ SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not a dependency of lean; until lean
 # moves, the notice would be printed by every process that decodes.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+
+
+def read_header(path, what="image"):
+    """(height, width, format) of an image file, from its header alone (PIL's format name: "PNG", "JPEG", ...);
+    `what` names the file in the error."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            return height, width, image.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise LeanError(f"{path}: not a readable {what} ({reason(error)})") from None
 
 
 def decode_rgb(data, name="image", what="image", orient=False):

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from lean.download import fetch_pennfudan
 from lean.errors import LeanError, reason
 from lean.example import from_instance_map
-from lean.images import read_rgb
+from lean.images import read_header, read_rgb
 
 IMAGE_DIR = "PNGImages"
 MASK_DIR = "PedMasks"
@@ -65,12 +65,8 @@ def _pngs(folder, root):
 
 def png_size(path):
     """(height, width) from the PNG header, without decoding pixels."""
-    try:
-        with Image.open(path) as image:
-            _check_png(image, path)
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise LeanError(f"{path}: not a readable PNG ({reason(error)})") from None
+    height, width, kind = read_header(path, "PNG")
+    _check_format(kind, path)
     return height, width
 
 
@@ -82,7 +78,7 @@ def read_png(path, load=True):
         raise LeanError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         image = Image.open(io.BytesIO(data))
-        _check_png(image, path)
+        _check_format(image.format, path)
         if load:
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -90,9 +86,9 @@ def read_png(path, load=True):
     return data, image
 
 
-def _check_png(image, path):
-    if image.format != "PNG":
-        raise LeanError(f"{path}: not a PNG file (it holds {image.format or 'unknown'} data)")
+def _check_format(kind, path):
+    if kind != "PNG":
+        raise LeanError(f"{path}: not a PNG file (it holds {kind or 'unknown'} data)")
 
 
 def to_id_map(image, path):
