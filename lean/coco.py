@@ -267,6 +267,7 @@ def _rle(segmentation, height, width, path, place, skipped):
             if not isinstance(ring, list) or len(ring) % 2:
                 raise LeanError(f"{path}: {place}[{r}]: a polygon is a flat list of x, y pairs")
             rings.append([float(_number(v, path, f"{place}[{r}]")) for v in ring])
+            _check_reach(rings[-1], height, width, path, f"{place}[{r}]")
         rings = [ring for ring in rings if len(ring) >= 6]
         if not rings:
             skipped[SKIP_FEW_POINTS] += 1
@@ -287,6 +288,16 @@ def _rle(segmentation, height, width, path, place, skipped):
                 raise LeanError(f"{path}: {place}.counts: not a compressed RLE of the {height} x {width} image")
             return {"size": [height, width], "counts": counts.encode("ascii")}
     raise LeanError(f"{path}: {place}: neither polygons nor RLE")
+
+
+def _check_reach(ring, height, width, path, place):
+    """One line for a polygon point far outside its image: pycocotools walks every edge pixel by pixel, so a stray
+    1e30 would take all the memory there is; tools write points at most a little past the edges."""
+    reach = 2 * max(height, width)
+    for x, y in zip(ring[0::2], ring[1::2]):
+        if not (-reach <= x <= width + reach and -reach <= y <= height + reach):
+            raise LeanError(f"{path}: {place}: point ({x:g}, {y:g}) lies far outside the {height} x {width} image "
+                            "(more than twice its longer side past an edge)")  # fmt: skip
 
 
 def _runs(counts):

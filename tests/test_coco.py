@@ -205,6 +205,11 @@ def _odd_polygon(data):
     return "annotations[0].segmentation[0]: a polygon is a flat list of x, y pairs"
 
 
+def _stray_polygon_point(data):
+    data["annotations"][0]["segmentation"] = [[1, 1, 1e5, 1, 20, 20]]  # 1e30 would take all the memory there is
+    return "annotations[0].segmentation[0]: point (100000, 1) lies far outside the 30 x 40 image"
+
+
 def _escaping_path(data):
     data["images"][0]["file_name"] = "../outside.png"
     return "images[0].file_name: '../outside.png' is outside"
@@ -216,7 +221,7 @@ def _no_categories(data):
 
 
 BAD = [_missing_key, _unknown_image, _unknown_category, _bad_bbox, _bad_rle, _rle_of_another_size, _odd_polygon,
-       _escaping_path, _no_categories]  # fmt: skip
+       _stray_polygon_point, _escaping_path, _no_categories]  # fmt: skip
 
 
 @pytest.mark.parametrize("breakage", BAD, ids=lambda f: f.__name__[1:])
