@@ -15,6 +15,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from lean.errors import LeanError, reason
 
+MAX_PIXELS = 178_956_970  # PIL refuses to open larger images, as possible decompression bombs
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # of the images lean looks for
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not a dependency of lean; until lean
@@ -22,15 +23,22 @@ SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 
-def read_header(path, what="image"):
-    """(height, width, format) of an image file, from its header alone (PIL's format name: "PNG", "JPEG", ...);
-    `what` names the file in the error."""
+def read_header(file, what="image", name=None):
+    """(height, width, format) of an image file (a path or a file object), from its header alone (PIL's format
+    name: "PNG", "JPEG", ...). Images of more than MAX_PIXELS are refused, as PIL refuses them; `what` and
+    `name` (by default `file`) name the file in the error."""
+    name = file if name is None else name
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            return height, width, image.format
+        with warnings.catch_warnings():  # PIL warns from half its limit on; the limit is where lean draws the line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                width, height = image.size
+                return height, width, image.format
+    except Image.DecompressionBombError:
+        raise LeanError(f"{name}: more than the {MAX_PIXELS / 1e6:.0f} megapixels lean takes in one image (PIL's "
+                        "limit against decompression bombs); cut it into tiles") from None  # fmt: skip
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise LeanError(f"{path}: not a readable {what} ({reason(error)})") from None
+        raise LeanError(f"{name}: not a readable {what} ({reason(error)})") from None
 
 
 def decode_rgb(data, name="image", what="image", orient=False):

@@ -13,7 +13,6 @@ import glob
 import io
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,31 +24,21 @@ from lean.checkpoint import load_model
 from lean.cli import Parser, run
 from lean.errors import LeanError, reason
 from lean.files import write_atomically
-from lean.images import SUFFIXES, decode_rgb
+from lean.images import SUFFIXES, decode_rgb, read_header
 from lean.progress import Progress
 
 HANDFUL = 8  # more images than this get a progress line
-MAX_PIXELS = 178_956_970  # PIL's own ceiling for a decompression bomb: twice the size it warns at
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
 
 def read_image(path):
     """3 x H x W uint8 RGB tensor of an image file, turned as its EXIF orientation says: what a viewer shows is
-    what is predicted. Images of more than MAX_PIXELS are refused before they are decoded."""
+    what is predicted. Images past lean.images.MAX_PIXELS are refused before they are decoded."""
     try:
         data = Path(path).read_bytes()
-        with warnings.catch_warnings():  # PIL warns of large images; the size is judged below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-    except Image.DecompressionBombError:
-        raise LeanError(f"{path}: more than the {MAX_PIXELS / 1e6:.0f} megapixels lean.predict takes") from None
-    except OSError as error:  # PIL's UnidentifiedImageError is one
-        why = getattr(error, "strerror", None) or reason(error)
-        raise LeanError(f"{path}: not a readable image ({why})") from None
-    if width * height > MAX_PIXELS:
-        raise LeanError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the "
-                        f"{MAX_PIXELS / 1e6:.0f} lean.predict takes")  # fmt: skip
+    except OSError as error:
+        raise LeanError(f"{path}: not a readable image ({error.strerror or reason(error)})") from None
+    read_header(io.BytesIO(data), name=path)
     return decode_rgb(data, path, orient=True)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
@@ -258,6 +259,9 @@ def test_missing_or_unreadable_images_and_wrong_sizes_name_the_file(tmp_path):
     (tmp_path / "d" / "a.png").unlink()
     with pytest.raises(LeanError, match=r"a.png: no such image file .* images\[0\]"):
         CocoSource(path)
+    Image.new("1", (15000, 15000)).save(tmp_path / "d" / "a.png")  # 225 megapixels, a few KB on disk
+    with pytest.raises(LeanError, match=r"a\.png: more than the 179 megapixels lean takes in one image"):
+        CocoSource(path).sizes()
 
 
 # --- export: any cache out as COCO, and back ---------------------------------------------------------
