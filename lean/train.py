@@ -8,6 +8,7 @@ SIGTERM arrives; --resume continues from it.
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from datetime import datetime, timedelta
@@ -253,10 +254,12 @@ def parse_args(argv):
             parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
     if config.seed < 0:
         parser.error("argument --seed: must not be negative")
-    if config.lr <= 0 or (config.clip_grad is not None and config.clip_grad <= 0):
-        parser.error(f"argument --{'lr' if config.lr <= 0 else 'clip-grad'}: must be positive")
-    if config.weight_decay < 0:
-        parser.error("argument --weight-decay: must not be negative")
+    for name in ("lr", "clip_grad"):
+        value = getattr(config, name)
+        if value is not None and not 0 < value < math.inf:  # nan fails it too
+            parser.error(f"argument --{name.replace('_', '-')}: must be a positive number, not {value}")
+    if not 0 <= config.weight_decay < math.inf:
+        parser.error(f"argument --weight-decay: must be a number, not negative, not {config.weight_decay}")
     if config.min_size > config.max_size:
         parser.error(f"argument --min-size: {config.min_size} is more than --max-size {config.max_size}")
     if config.resume and config.out is None:

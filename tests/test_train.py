@@ -186,7 +186,10 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny_cache, tmp_path)
     [
         (["--epochs", "0"], "--epochs: must be at least 1"),
         (["--eval-every", "0"], "--eval-every: must be at least 1"),
-        (["--weight-decay", "-1"], "--weight-decay: must not be negative"),
+        (["--weight-decay", "-1"], "--weight-decay: must be a number, not negative, not -1.0"),
+        (["--lr", "nan"], "--lr: must be a positive number, not nan"),
+        (["--clip-grad", "inf"], "--clip-grad: must be a positive number, not inf"),
+        (["--lr", "0"], "--lr: must be a positive number, not 0.0"),
         (["--optimizer", "adam"], "--optimizer: invalid choice"),
         (["--resume"], "--resume: needs --out"),
         (["--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
