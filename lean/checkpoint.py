@@ -20,6 +20,7 @@ import fcntl
 import os
 import pickle
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,11 +153,38 @@ def load(path):
     state = _load_weights_only(path, "checkpoint")
     if not is_checkpoint(state):
         raise LeanError(f"{path}: not a lean checkpoint (no model and settings inside)")
+    _check_readable(state, path)
     return state
 
 
 def is_checkpoint(state):
     return isinstance(state, dict) and isinstance(state.get("model"), dict) and ("config" in state or "args" in state)
+
+
+def _check_readable(state, path):
+    """One line naming `path` where a checkpoint comes from a newer lean, or its model spec or settings cannot
+    be read back: every command that loads one builds them from it."""
+    version = state.get("version", 1)
+    if not isinstance(version, int) or version > VERSION:
+        raise LeanError(f"{path}: a checkpoint of version {version!r}; this lean reads versions 1 to {VERSION}")
+    try:
+        read_back = (model_spec(state), run_config(state))
+    except KeyError as error:
+        raise LeanError(f"{path}: its model spec or settings cannot be read back (no {error.args[0]!r})") from None
+    except (TypeError, ValueError, LeanError) as error:
+        raise LeanError(f"{path}: its model spec or settings cannot be read back ({reason(error)})") from None
+    for settings in read_back:
+        for field in dataclasses.fields(settings):
+            value, kinds = getattr(settings, field.name), _kinds(field.type)
+            if not isinstance(value, kinds):
+                raise LeanError(f"{path}: its {field.name} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}")
+
+
+def _kinds(annotation):
+    """The classes a dataclass field's annotation admits (int where it says float, tuple where tuple[str, ...])."""
+    members = (annotation,) if typing.get_origin(annotation) is tuple else typing.get_args(annotation) or (annotation,)
+    kinds = tuple(typing.get_origin(kind) or kind for kind in members)
+    return (*kinds, int) if float in kinds else kinds
 
 
 def model_spec(state):
@@ -207,6 +235,7 @@ def read_weights(path):
     if not isinstance(loaded, dict):
         raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
     if is_checkpoint(loaded):
+        _check_readable(loaded, path)
         return loaded["model"], model_spec(loaded).pretrained
     return loaded, True
 

@@ -235,6 +235,36 @@ def test_a_run_is_evaluated_in_the_layout_it_trained_in(trained_run, tmp_path):
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in tuned.modules())
 
 
+def _spec_field(state):
+    state["model_spec"]["colour"] = "red"
+    return "its model spec or settings cannot be read back (ModelSpec.__init__() got an unexpected keyword"
+
+
+def _class_count(state):
+    state["model_spec"]["class_names"] = ["a", "b"]
+    return "its model spec or settings cannot be read back (2 class names but 1 category ids)"
+
+
+def _setting_type(state):
+    state["config"]["lr"] = "fast"
+    return "its lr is 'fast', not float or int"
+
+
+def _newer(state):
+    state["version"] = 99
+    return "a checkpoint of version 99; this lean reads versions 1 to 2"
+
+
+@pytest.mark.parametrize("damage", [_spec_field, _class_count, _setting_type, _newer], ids=lambda f: f.__name__[1:])
+def test_a_checkpoint_whose_spec_or_settings_cannot_be_read_back_is_one_line(trained_run, tmp_path, capsys, damage):
+    _, run_dir = trained_run
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    reason = damage(state)
+    torch.save(state, tmp_path / "damaged.pt")
+    status, _, stderr = cli(evaluate_main, ["--checkpoint", str(tmp_path / "damaged.pt"), "--device", "cpu"], capsys)
+    assert status == 2 and f"damaged.pt: {reason}" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_a_checkpoint_written_before_the_schema_still_evaluates_and_resumes(trained_run, tmp_path, capsys):
     cache, run_dir = trained_run
     old = as_version_1(torch.load(run_dir / "last.pt", weights_only=True))
