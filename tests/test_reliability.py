@@ -123,6 +123,27 @@ def test_a_cache_with_flipped_index_bytes_is_refused_in_one_line(tiny, tmp_path,
     assert one_line(status, stderr, "damaged cache") and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "attribute, value, reason",
+    [
+        ("classes", "not json", "attribute classes"),
+        ("classes", "5", "attribute classes"),
+        ("params", "{", "attribute params"),
+        ("skipped", "[1]", "attribute skipped"),
+        ("category_ids", "[1, 2, 3, 4, 5, 6, 7]", "classes"),
+        ("box_end", "sideways", "box end"),
+    ],
+)
+def test_a_cache_with_a_damaged_attribute_is_refused_in_one_line(tiny, tmp_path, attribute, value, reason, capsys):
+    path = tmp_path / "c.h5"
+    path.write_bytes(tiny.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        handle.attrs[attribute] = value
+    for argv in (["info", str(path)], ["verify", str(path)]):
+        status, _, stderr = cli(cache_main, argv, capsys)
+        assert one_line(status, stderr, f"damaged cache ({reason})"), stderr
+
+
 def test_flipped_pixel_bytes_are_found_by_their_checksum_without_the_source(tiny, tmp_path, capsys):
     path = tmp_path / "c.h5"
     path.write_bytes(tiny.read_bytes())

@@ -27,10 +27,10 @@ class Cache:
         with open_checked(self.path) as handle:
             attrs = handle.attrs
             self.fingerprint = str(attrs["fingerprint"])
-            self.params = json.loads(attrs["params"])
-            self.classes = tuple(json.loads(attrs["classes"]))
-            self.category_ids = tuple(json.loads(attrs["category_ids"]))
-            self.skipped = json.loads(attrs["skipped"])
+            self.params = _json_attribute(attrs, "params", dict, self.path)
+            self.classes = tuple(_json_attribute(attrs, "classes", list, self.path))
+            self.category_ids = tuple(_json_attribute(attrs, "category_ids", list, self.path))
+            self.skipped = _json_attribute(attrs, "skipped", dict, self.path)
             self.stored = str(attrs["pixels"])  # "raw" or "encoded"
             self.box_end = str(attrs["box_end"])
             self.names = [name.decode() if isinstance(name, bytes) else name for name in handle["names"][:]]
@@ -162,6 +162,14 @@ def structure_damage(cache):
         ),
         (_offsets_fit(masks, m, cache._lengths["mask_bits"]), "mask offsets"),
         (((cache.instances["labels"] >= 1) & (cache.instances["labels"] <= len(cache.classes))).all(), "labels"),
+        (
+            all(isinstance(name, str) for name in cache.classes)
+            and len(cache.category_ids) == len(cache.classes)
+            and all(isinstance(i, int) for i in cache.category_ids),
+            "classes",
+        ),
+        (all(isinstance(count, int) for count in cache.skipped.values()), "skipped counts"),
+        (cache.box_end in ("inclusive", "exclusive"), "box end"),
     ]
     for fine, what in checks:
         if not fine:
@@ -174,6 +182,17 @@ def structure_damage(cache):
     if not inside.all() or not np.array_equal(np.diff(masks), -(-(h * w) // 8)):
         return "mask crops"
     return None
+
+
+def _json_attribute(attrs, name, kind, path):
+    """The JSON attribute `name`, a `kind`; one line naming the cache where it is missing or not one."""
+    try:
+        value = json.loads(attrs[name])
+    except (KeyError, TypeError, ValueError):  # json's decoding error is a ValueError
+        value = None
+    if not isinstance(value, kind):
+        raise LeanError(f"{path}: damaged cache (attribute {name}); rebuild it")
+    return value
 
 
 def _offsets_fit(offsets, count, length):
