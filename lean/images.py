@@ -28,17 +28,21 @@ def read_header(file, what="image", name=None):
     name: "PNG", "JPEG", ...). Images of more than MAX_PIXELS are refused, as PIL refuses them; `what` and
     `name` (by default `file`) name the file in the error."""
     name = file if name is None else name
+    too_large = LeanError(f"{name}: more than the {MAX_PIXELS / 1e6:.0f} megapixels lean takes in one image (PIL's "
+                          "limit against decompression bombs); cut it into tiles")  # fmt: skip
     try:
         with warnings.catch_warnings():  # PIL warns from half its limit on; the limit is where lean draws the line
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(file) as image:
                 width, height = image.size
-                return height, width, image.format
+                kind = image.format
     except Image.DecompressionBombError:
-        raise LeanError(f"{name}: more than the {MAX_PIXELS / 1e6:.0f} megapixels lean takes in one image (PIL's "
-                        "limit against decompression bombs); cut it into tiles") from None  # fmt: skip
+        raise too_large from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise LeanError(f"{name}: not a readable {what} ({reason(error)})") from None
+    if width * height > MAX_PIXELS:  # lean's own bound, whatever PIL's global limit has been set to
+        raise too_large
+    return height, width, kind
 
 
 def decode_rgb(data, name="image", what="image", orient=False):

@@ -264,6 +264,14 @@ def test_missing_or_unreadable_images_and_wrong_sizes_name_the_file(tmp_path):
         CocoSource(path).sizes()
 
 
+def test_the_pixel_limit_is_leans_own_where_another_library_lifts_pils(tmp_path, monkeypatch):
+    path = write_coco(tmp_path / "d", dataset([annotation(1)]))
+    Image.new("1", (15000, 15000)).save(tmp_path / "d" / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(LeanError, match=r"a\.png: more than the 179 megapixels lean takes in one image"):
+        CocoSource(path).sizes()
+
+
 # --- export: any cache out as COCO, and back ---------------------------------------------------------
 
 
