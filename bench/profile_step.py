@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.throughput import lean_training, scratch_cache
+from bench.common import scratch_cache
+from bench.train_section import lean_training
 from lean.cache import Cache
-from lean.cli import Parser, run
-from lean.internals import set_recompile_limit
-from lean.sources import default_root
-from lean.speed import COMPILE, RECOMPILE_LIMIT, Speed, keep_freed_memory
+from lean.cli import Parser, add_device_argument, check_device, run
+from lean.pennfudan import default_root
+from lean.speed import COMPILE, Speed, configure_process
 
 HOST_WAITS = (
     "cudaStreamSynchronize",
@@ -36,7 +36,7 @@ HOST_WAITS = (
 def parse_args(argv):
     parser = Parser(prog="python -m bench.profile_step", description=__doc__)
     parser.add_argument("--root", type=Path, help="PennFudan folder (default: as lean.cache build finds it)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument(
@@ -53,7 +53,9 @@ def parse_args(argv):
     parser.add_argument(
         "--no-canvases", action="store_true", help="batches padded as torchvision pads them, not to canvases"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    return args
 
 
 def sync_sites(step, batches, steps):
@@ -128,8 +130,7 @@ def profile_batch_size(cache, device, args, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    keep_freed_memory()
-    set_recompile_limit(RECOMPILE_LIMIT)
+    configure_process()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="lean-profile-") as scratch:
         cache = Cache(args.cache) if args.cache else scratch_cache(default_root(args.root), Path(scratch))

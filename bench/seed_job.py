@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bench.seed_pipeline import SeedPennFudan, collate, seed_evaluate, seed_model_from_scratch, seed_step
-from lean.cli import Parser, run
+from lean.cli import Parser, add_device_argument, check_device, run
 from lean.optim import lr_factor
-from lean.sources import default_root
+from lean.pennfudan import default_root
 
 
 def loaders(root, test_size, seed):
@@ -58,11 +58,10 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
+    check_device(parser, args.device)
     return args
 
 

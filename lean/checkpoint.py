@@ -18,18 +18,17 @@ model from it alone. Checkpoints of version 1 (no format mark, the command line'
 import dataclasses
 import fcntl
 import os
-import pickle
 import shutil
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lean.config import TrainConfig
-from lean.errors import LeanError, reason, refusal
+from lean import weights
+from lean.config import SettingError, TrainConfig, check_types
+from lean.errors import LeanError, reason
 from lean.files import write_atomically
-from lean.model import ModelSpec, build_model
+from lean.model import ModelSpec, create_model
 
 FORMAT = "lean-checkpoint"
 VERSION = 2
@@ -48,16 +47,6 @@ def position_after(iteration, iterations_per_epoch):
     """Where a run that has taken `iteration` steps resumes: the next batch of its epoch, or the next epoch
     when the last one ended."""
     return Position(iteration // iterations_per_epoch, iteration % iterations_per_epoch, iteration)
-
-
-@dataclass
-class RunState:
-    """The objects whose state a checkpoint holds, besides the RNG."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
 
 
 class RunFolder:
@@ -150,7 +139,7 @@ class Checkpointer:
 
 def load(path):
     """The checkpoint dict at `path`, or one line saying why it is not one."""
-    state = _load_weights_only(path, "checkpoint")
+    state = weights.load(path, "checkpoint")
     if not is_checkpoint(state):
         raise LeanError(f"{path}: not a lean checkpoint (no model and settings inside)")
     _check_readable(state, path)
@@ -168,23 +157,15 @@ def _check_readable(state, path):
     if not isinstance(version, int) or version > VERSION:
         raise LeanError(f"{path}: a checkpoint of version {version!r}; this lean reads versions 1 to {VERSION}")
     try:
-        read_back = (model_spec(state), run_config(state))
+        spec = model_spec(state)
+        check_types(spec)
+        run_config(state)
     except KeyError as error:
         raise LeanError(f"{path}: its model spec or settings cannot be read back (no {error.args[0]!r})") from None
+    except SettingError as error:
+        raise LeanError(f"{path}: its {error.field} {error.problem}") from None
     except (TypeError, ValueError, LeanError) as error:
         raise LeanError(f"{path}: its model spec or settings cannot be read back ({reason(error)})") from None
-    for settings in read_back:
-        for field in dataclasses.fields(settings):
-            value, kinds = getattr(settings, field.name), _kinds(field.type)
-            if not isinstance(value, kinds):
-                raise LeanError(f"{path}: its {field.name} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}")
-
-
-def _kinds(annotation):
-    """The classes a dataclass field's annotation admits (int where it says float, tuple where tuple[str, ...])."""
-    members = (annotation,) if typing.get_origin(annotation) is tuple else typing.get_args(annotation) or (annotation,)
-    kinds = tuple(typing.get_origin(kind) or kind for kind in members)
-    return (*kinds, int) if float in kinds else kinds
 
 
 def model_spec(state):
@@ -225,33 +206,19 @@ def load_model(path, device):
     """(model on `device` with the checkpoint's weights, its ModelSpec, its TrainConfig), built from the spec alone."""
     state = load(path)
     spec = model_spec(state)
-    return build_model(spec, state["model"]).to(device), spec, run_config(state)
+    return create_model(spec, state["model"], device=device), spec, run_config(state)
 
 
 def read_weights(path):
     """(state dict, pretrained) from a weights file: a plain state dict is pretrained weights; a lean
     checkpoint's model comes in its own layout."""
-    loaded = _load_weights_only(path, "weights file")
+    loaded = weights.load(path, "weights file")
     if not isinstance(loaded, dict):
         raise LeanError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
     if is_checkpoint(loaded):
         _check_readable(loaded, path)
         return loaded["model"], model_spec(loaded).pretrained
     return loaded, True
-
-
-def _load_weights_only(path, what):
-    """torch.load of the file at `path` with nothing but tensors and plain values unpickled, or one line saying
-    why it is not a loadable `what`."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeanError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # foreign or tampered files
-        raise LeanError(f"{path}: not a loadable {what} ({refusal(error)})") from None
-    except Exception as error:  # truncated files, zip and torch errors alike
-        raise LeanError(f"{path}: not a loadable {what} ({reason(error)})") from None
 
 
 def _rng_state():

@@ -1,4 +1,4 @@
-"""What every lean command shares: one-line errors, exit statuses, Ctrl-C."""
+"""What every lean command shares: one-line errors, exit statuses, Ctrl-C, the --device argument."""
 
 import argparse
 import importlib
@@ -17,6 +17,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def add_device_argument(parser):
+    """--device, as every command that runs a model takes it: cuda where torch sees a GPU, else cpu."""
+    import torch  # here, not at the top: this module loads before torch, so Ctrl-C while torch loads is caught
+
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=default, help=f"default: {default}")
+
+
+def check_device(parser, device):
+    """One line where cuda is asked for and torch sees none: for after the arguments are final."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device cuda: torch sees no CUDA device; use --device cpu")
 
 
 def run_module(name, argv=None):

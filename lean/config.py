@@ -1,10 +1,27 @@
-"""A training run's settings: each one's type and default in one place, read by the command line and the tests alike."""
+"""A training run's settings: each one's type, default and valid range in one place, read by the command line,
+checkpoints and the tests alike."""
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from lean.errors import LeanError
+
 DEFAULT_CACHE = Path("cache/pennfudan.h5")
+AT_LEAST_ONE = ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every")
+AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size")
+POSITIVE_IF_GIVEN = ("lr", "clip_grad")
+
+
+class SettingError(LeanError):
+    """A setting out of its range: `field` names it, `problem` says what is wrong, as the command line words it
+    after the flag's name."""
+
+    def __init__(self, field, problem):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,27 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 10
 
+    def __post_init__(self):
+        check_types(self)
+        for field in AT_LEAST_ONE + AT_LEAST_ONE_IF_GIVEN:
+            value = getattr(self, field)
+            if (value is not None or field in AT_LEAST_ONE) and value < 1:
+                raise SettingError(field, "must be at least 1")
+        if self.seed < 0:
+            raise SettingError("seed", "must not be negative")
+        for field in POSITIVE_IF_GIVEN:
+            value = getattr(self, field)
+            if value is not None and not 0 < value < math.inf:  # nan fails it too
+                raise SettingError(field, f"must be a positive number, not {value}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise SettingError("weight_decay", f"must be a number, not negative, not {self.weight_decay}")
+        if self.min_size > self.max_size:
+            raise SettingError("min_size", f"{self.min_size} is more than --max-size {self.max_size}")
+        if self.device == "cpu" and self.amp == "fp16":
+            raise SettingError("amp", "fp16 is for CUDA; use bf16 or off on the CPU")
+        if self.device == "cpu" and self.compile == "cudagraphs":
+            raise SettingError("compile", "cudagraphs is for CUDA; use inductor on the CPU")
+
     def to_dict(self):
         """Plain values only (paths as strings), as a checkpoint stores them."""
         return {
@@ -61,3 +99,19 @@ class TrainConfig:
         if isinstance(kept.get("compile"), bool):  # checkpoints before the backend choice stored a flag
             kept["compile"] = "inductor" if kept["compile"] else "off"
         return cls(**kept)
+
+
+def check_types(settings):
+    """SettingError where a field of the dataclass `settings` holds a value its annotation does not admit (as a
+    damaged checkpoint may give): the range checks compare values of the right kind."""
+    for field in dataclasses.fields(settings):
+        value, kinds = getattr(settings, field.name), _kinds(field.type)
+        if not isinstance(value, kinds):
+            raise SettingError(field.name, f"is {value!r}, not {' or '.join(kind.__name__ for kind in kinds)}")
+
+
+def _kinds(annotation):
+    """The classes a dataclass field's annotation admits (int where it says float, tuple where tuple[str, ...])."""
+    members = (annotation,) if typing.get_origin(annotation) is tuple else typing.get_args(annotation) or (annotation,)
+    kinds = tuple(typing.get_origin(kind) or kind for kind in members)
+    return (*kinds, int) if float in kinds else kinds

@@ -2,10 +2,21 @@
 run's last iteration comes, or a signal asks it to stop."""
 
 import signal
+from dataclasses import dataclass
 
 import torch
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class RunState:
+    """What a step updates and a checkpoint saves, besides the RNG."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
 
 
 def train_step(model, images, targets, optimizer, scheduler, scaler, amp_dtype, clip_norm=None):
@@ -47,12 +58,15 @@ class StopSignals:
         return EXIT_SIGNAL[self.received]
 
 
-def train_one_epoch(step, loader, epoch, iteration, total_iterations, monitor, log, stop):
-    """Feed the loader's epoch, from its start batch, to `step` until the epoch ends, `total_iterations` is
-    reached, or `stop` receives a signal; returns the iteration reached."""
+def train_one_epoch(model, run, amp_dtype, clip_norm, loader, epoch, iteration, total_iterations, monitor, log, stop):
+    """Train `model` (run.model, or its DDP wrapper) on the loader's epoch, from its start batch, with run's
+    optimizer, scheduler and scaler, until the epoch ends, `total_iterations` is reached, or `stop` receives a
+    signal; returns the iteration reached."""
     monitor.new_epoch()
     for batch_index, (images, targets) in enumerate(loader, start=loader.start_batch):
-        losses, names = step(images, targets)
+        losses, names = train_step(
+            model, images, targets, run.optimizer, run.scheduler, run.scaler, amp_dtype, clip_norm
+        )
         iteration += 1
         log.window(monitor.add(epoch, batch_index, iteration, losses, names))
         if stop.received:

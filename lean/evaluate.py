@@ -25,11 +25,12 @@ from pycocotools.cocoeval import COCOeval
 
 from lean import checkpoint
 from lean.cache import Cache
-from lean.cli import Parser, run
+from lean.cli import Parser, add_device_argument, check_device, run
 from lean.errors import LeanError
 from lean.files import write_atomically
-from lean.loader import Loader, split_indices
+from lean.loader import Loader
 from lean.progress import Progress
+from lean.sampling import split_indices
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -213,10 +214,11 @@ def parse_args(argv):
     parser.add_argument(
         "--split", choices=["test", "train", "all"], help="default: the run's held-out images, or all of another cache"
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--json", type=Path, help="write the stats, per class too, and the source image ids here")
     parser.add_argument("--results", type=Path, help="write the detections here in COCO's results format")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     for flag, path in (("--json", args.json), ("--results", args.results)):  # before the work, not after it
         if path is not None and (path.is_dir() or not path.parent.is_dir()):
             parser.error(f"argument {flag}: {path} cannot be written (a folder, or in a folder that does not exist)")

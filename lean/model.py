@@ -16,13 +16,8 @@ every frozen BatchNorm is folded into the convolution before it
 (lean.frozen_norm): the same function, one pass over the activations.
 """
 
-import math
-import os
-import pickle
 import sys
-import urllib.error
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision
@@ -35,18 +30,18 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from lean.errors import LeanError, reason, refusal
+from lean.canvas import pad_to_canvas
+from lean.errors import LeanError, reason
 from lean.frozen_norm import fold_frozen_norms
 from lean.internals import overwrite_eps
 from lean.roi_align import SparseRoIAlign
+from lean.speed import tune_for_speed
+from lean.weights import downloading
 
 BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
 MASK_HIDDEN = 256
-COMPILED_CANVAS_STEP = 64
-CANVAS_LEVELS = 4  # side lengths per axis that batches are padded to, where shapes should be few
 SMALL_HIDDEN = 128  # channels of mobilenet_v3_fpn's mask head; its box head has 4x this
 SLIM_CHANNELS = 64  # resnet18_fpn's FPN and mask head channels; its box head has 4x this
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
 
 
 @dataclass(frozen=True)
@@ -127,39 +122,9 @@ class Uint8Transform(GeneralizedRCNNTransform):
 _NO_BOXES = torch.zeros(0, 4)
 
 
-def canvas_ladder(min_size, max_size, levels=CANVAS_LEVELS, step=COMPILED_CANVAS_STEP):
-    """The side lengths a compiled model pads its batches to: `levels` multiples of `step`, min_size's to max_size's.
-
-    The resize puts every short side at min_size (less only where max_size binds) and every long side at
-    most at max_size, so a batch padded to the ladder has one of at most levels**2 shapes, in practice
-    about one per orientation and level. Each shape is a graph to compile: padding to multiples of 64
-    alone gave 20 at the tutorial's 800/1333 on Penn-Fudan, where the ladder gives 832, 1024, 1216, 1344.
-    """
-    low, high = _round_up(min_size, step), _round_up(max_size, step)
-    return tuple(sorted({_round_up(low + (high - low) * k / max(levels - 1, 1), step) for k in range(levels)}))
-
-
-def canvas_side(needed, ladder, step=COMPILED_CANVAS_STEP):
-    """The shortest rung of the ladder that holds `needed` pixels; past the top, the next multiple of `step`."""
-    return next((side for side in ladder if side >= needed), _round_up(needed, step))
-
-
-def pad_to_canvas(images, ladder):
-    """Images of one batch (C x H x W each), zero-padded at the bottom and right into one canvas from the ladder."""
-    height = canvas_side(max(image.shape[-2] for image in images), ladder)
-    width = canvas_side(max(image.shape[-1] for image in images), ladder)
-    batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    for image, canvas in zip(images, batch):
-        canvas[:, : image.shape[-2], : image.shape[-1]].copy_(image)
-    return batch
-
-
-def _round_up(length, step):
-    return int(math.ceil(length / step) * step)
-
-
-def build_model(spec, state=None, download=False):
-    """The Mask R-CNN `spec` describes, for its classes (background included).
+def create_model(spec, state=None, speed=None, device="cpu", download=False):
+    """The Mask R-CNN `spec` describes, for its classes (background included), on `device`, with `speed` (a
+    lean.speed.Speed) applied if given: the one place lean builds a model.
 
     state: a state dict to load; predictors for another number of classes (the COCO weights' 91) make
     way for fresh ones, as the tutorial replaces them, and the rest must fit. download: start from the
@@ -168,7 +133,7 @@ def build_model(spec, state=None, download=False):
     """
     if download and not spec.pretrained:
         raise ValueError("downloaded weights come in the pretrained layout")
-    with _downloading("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
+    with downloading("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
         model = _BUILDERS[spec.backbone](spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size)
     transform = model.transform
     model.transform = Uint8Transform(spec.min_size, spec.max_size, transform.image_mean, transform.image_std)
@@ -184,7 +149,8 @@ def build_model(spec, state=None, download=False):
                 f"({reason(error)})"
             ) from None
     fold_frozen_norms(model)
-    return model
+    model = model.to(device)
+    return tune_for_speed(model, speed) if speed is not None else model
 
 
 PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
@@ -335,42 +301,3 @@ _BUILDERS = {
     "mobilenet_v3_fpn": _mobilenet_v3_fpn,
     "resnet18_fpn": _resnet18_fpn,
 }
-
-
-class WeightsUnavailable(LeanError):
-    """The published weights could not be downloaded."""
-
-
-class _downloading:
-    """While published weights are fetched and loaded. torchvision's builders load them with torch.hub's
-    default, weights_only=False, so a weights-only load is forced here, as for every file lean reads; a
-    failed download, or a file in torch's cache that holds more than weights, becomes one line."""
-
-    def __init__(self, what):
-        self.what = what
-
-    def __enter__(self):
-        self.before = os.environ.get(FORCE_WEIGHTS_ONLY)
-        os.environ[FORCE_WEIGHTS_ONLY] = "1"
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if self.before is None:
-            del os.environ[FORCE_WEIGHTS_ONLY]
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = self.before
-        if isinstance(error, pickle.UnpicklingError):
-            folder = Path(torch.hub.get_dir()) / "checkpoints"
-            raise WeightsUnavailable(f"{folder}: the {self.what} weights file there {refusal(error)}; delete it "
-                                     "to download it again")  # fmt: skip
-        if isinstance(error, (urllib.error.URLError, OSError, RuntimeError)) and _is_download_error(error):
-            why = getattr(error, "reason", None) or reason(error)
-            raise WeightsUnavailable(f"cannot download the {self.what} weights ({why})") from None
-        return False
-
-
-def _is_download_error(error):
-    text = str(error).lower()
-    return isinstance(error, urllib.error.URLError) or any(
-        word in text for word in ("download", "urlopen", "connection", "hash", "name or service", "network")
-    )

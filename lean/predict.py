@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from lean.checkpoint import load_model
-from lean.cli import Parser, run
+from lean.cli import Parser, add_device_argument, check_device, run
 from lean.errors import LeanError, reason
 from lean.files import write_atomically
 from lean.images import SUFFIXES, decode_rgb, read_header
@@ -166,8 +166,9 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("predictions"))
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=1, help="images the model takes at once")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if not 0 <= args.score_thresh <= 1:
         parser.error(f"argument --score-thresh: {args.score_thresh} is not between 0 and 1")
     if args.batch_size < 1:

@@ -1,166 +1,64 @@
-"""Where examples come from: a PennFudan-format folder of PNG images and instance-id masks.
+"""What a source of examples is (the Source protocol every source follows), and the one function that turns a
+cache's recorded params, or a build's arguments put the same way, back into a source.
 
-A source is a list of named examples whose sizes are known before any pixel
-is decoded (the cache builder lays out its arrays from them), and a
-`load(i, encoded=False)` that returns an Example (lean.example): the image's
-pixels, or with `encoded` the image file's own bytes, and its instances. It
-also names its classes (`classes`, and `category_ids` for their ids in the
-source) and each image's id in the source (`source_ids`).
-
-Sources are picklable so that build workers can each load their share.
+A source is a list of named examples whose sizes are known before any pixel is decoded (the cache builder
+lays out its arrays from them), each loaded as a lean.example.Example. Sources are picklable, so that build
+workers can each load their share. lean's sources: lean.pennfudan, lean.coco, lean.synthetic.
 """
 
-import hashlib
-import io
-import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from lean.download import fetch_pennfudan
-from lean.errors import LeanError, reason
-from lean.example import from_instance_map
-from lean.images import read_header, read_rgb
+from lean.example import Example
 
-IMAGE_DIR = "PNGImages"
-MASK_DIR = "PedMasks"
-MASK_SUFFIX = "_mask"
-# Integer modes PIL decodes single-channel PNGs into; anything else is not an id map.
-MASK_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")
+KINDS = ("pennfudan", "coco", "synthetic")
 
 
-def find_pairs(root):
-    """(name, image path, mask path) for every example under `root`, paired by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise LeanError(f"{root}: no such folder")
-    images = _pngs(root / IMAGE_DIR, root)
-    masks = _pngs(root / MASK_DIR, root)
-    mask_names = {}
-    for name, path in masks.items():
-        if not name.endswith(MASK_SUFFIX):
-            raise LeanError(f"{path}: mask name does not end in {MASK_SUFFIX}.png")
-        mask_names[name[: -len(MASK_SUFFIX)]] = path
-    for name, path in sorted(images.items()):
-        if name not in mask_names:
-            raise LeanError(f"{path}: image has no mask (expected {root / MASK_DIR / (name + MASK_SUFFIX + '.png')})")
-    for name, path in sorted(mask_names.items()):
-        if name not in images:
-            raise LeanError(f"{path}: mask has no image (expected {root / IMAGE_DIR / (name + '.png')})")
-    if not images:
-        raise LeanError(f"{root / IMAGE_DIR}: no PNG images")
-    return [(name, images[name], mask_names[name]) for name in sorted(images)]
+class Source(Protocol):
+    kind: str  # the name params() records under "source"
+    names: list[str]  # each image's name in the source (its file name, where it has one)
+    classes: tuple[str, ...]  # label k is classes[k - 1]
+    category_ids: tuple[int, ...]  # each class's id in the source
+    box_end: str  # "inclusive" (x1 is the last column covered, the tutorial's) or "exclusive" (x + w, COCO's)
+    skipped: dict[str, int]  # what the source left out, and why, with counts; {} where it keeps everything
+
+    def __len__(self) -> int: ...
+
+    def params(self) -> dict:
+        """What the source is and how it was made, JSON-able: open_source(params) makes it again."""
+
+    def source_ids(self) -> list[int]:
+        """Each image's id in the source."""
+
+    def sizes(self) -> np.ndarray:
+        """(N, 2) int64 (height, width) of every image, from headers: nothing decoded."""
+
+    def encoded_sizes(self) -> np.ndarray:
+        """(N,) int64 bytes of every image file, as a cache of encoded pixels stores them."""
+
+    def load(self, i: int, encoded: bool = False) -> Example:
+        """Example i: its pixels decoded, or with `encoded` the image file's own bytes, and its instances."""
 
 
-def _pngs(folder, root):
-    if not folder.is_dir():
-        raise LeanError(f"{root}: not a PennFudan folder (no {folder.name}/ inside)")
-    try:
-        entries = list(folder.iterdir())
-    except OSError as error:
-        raise LeanError(f"{folder}: cannot list folder ({error.strerror or error})") from None
-    return {p.stem: p for p in entries if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+def open_source(params, root=None, annotations=None, images=None, download=False):
+    """The source `params` describes ({"source": kind, ...} as Source.params() records it, or as the build
+    command puts its arguments), with its files looked for at `root`, `annotations` and `images` where those
+    are given; None where its files are gone. With `download`, a Penn-Fudan source whose folder is not given
+    is found as lean.pennfudan.default_root finds it (downloaded if need be)."""
+    from lean.coco import CocoSource
+    from lean.pennfudan import PennFudanSource, default_root
+    from lean.synthetic import SyntheticSource
 
-
-def png_size(path):
-    """(height, width) from the PNG header, without decoding pixels."""
-    height, width, kind = read_header(path, "PNG")
-    _check_format(kind, path)
-    return height, width
-
-
-def read_png(path, load=True):
-    """(the file's bytes, a PIL image of them: its header checked, and its pixels decoded when `load`)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise LeanError(f"{path}: cannot read ({error.strerror or error})") from None
-    try:
-        image = Image.open(io.BytesIO(data))
-        _check_format(image.format, path)
-        if load:
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise LeanError(f"{path}: not a readable PNG ({reason(error)})") from None
-    return data, image
-
-
-def _check_format(kind, path):
-    if kind != "PNG":
-        raise LeanError(f"{path}: not a PNG file (it holds {kind or 'unknown'} data)")
-
-
-def to_id_map(image, path):
-    """The H x W integer instance-id map of a mask image."""
-    if image.mode not in MASK_MODES:
-        raise LeanError(f"{path}: mask has mode {image.mode}; expected a single-channel instance-id map")
-    ids = np.asarray(image)
-    return ids.astype(np.uint8) if ids.dtype == bool else ids
-
-
-class PennFudanSource:
-    kind = "pennfudan"
-    classes = ("person",)
-    category_ids = (1,)
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.pairs = find_pairs(self.root)
-        self.names = [name for name, _, _ in self.pairs]
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def params(self):
-        return {"source": self.kind, "root": str(self.root.resolve())}
-
-    def source_ids(self):
-        return list(range(len(self)))
-
-    def sizes(self):
-        """(N, 2) int64 (height, width) of every image, read from PNG headers and checked against the masks."""
-        sizes = np.zeros((len(self), 2), dtype=np.int64)
-        for i, (_, image_path, mask_path) in enumerate(self.pairs):
-            sizes[i] = png_size(image_path)
-            mask_size = png_size(mask_path)
-            if mask_size != tuple(sizes[i]):
-                raise LeanError(
-                    f"{mask_path}: mask is {_hw(mask_size)} but its image {image_path.name} is {_hw(sizes[i])}"
-                )
-        return sizes
-
-    def encoded_sizes(self):
-        """Bytes of every image file, as the cache stores them with --pixels encoded."""
-        return np.array([image_path.stat().st_size for _, image_path, _ in self.pairs], dtype=np.int64)
-
-    def load(self, i, encoded=False):
-        _, image_path, mask_path = self.pairs[i]
-        data, header = read_png(image_path, load=False)  # torchvision decodes its pixels, below
-        mask_data, mask = read_png(mask_path)
-        id_map = to_id_map(mask, mask_path)
-        if id_map.shape != (header.height, header.width):
-            raise LeanError(
-                f"{mask_path}: mask is {_hw(id_map.shape)} but its image is {_hw((header.height, header.width))}"
-            )
-        digest = hashlib.sha256(hashlib.sha256(data).digest() + hashlib.sha256(mask_data).digest()).digest()
-        pixels = read_rgb(data, image_path, "PNG")  # decoded either way: a file that does not decode is refused now
-        if encoded:
-            return from_instance_map(id_map, digest, encoded=data)
-        return from_instance_map(id_map, digest, pixels=pixels)
-
-
-def _hw(shape):
-    return f"{shape[1]}x{shape[0]}"
-
-
-def default_root(root=None, download_to="data"):
-    """The PennFudan folder to use: `root`, else $LEAN_PENNFUDAN, else data/PennFudanPed, else a download."""
-    if root is not None:
-        return Path(root)
-    if os.environ.get("LEAN_PENNFUDAN"):
-        return Path(os.environ["LEAN_PENNFUDAN"])
-    local = Path(download_to) / "PennFudanPed"
-    if local.is_dir():
-        return local
-    return fetch_pennfudan(Path(download_to))
+    kind = params.get("source")
+    if kind == "synthetic":
+        return SyntheticSource(params["num_images"], params["seed"], params.get("classes", 1))
+    if kind == "coco":
+        annotations = Path(annotations or params["annotations"])
+        folder = images or params.get("images")
+        return CocoSource(annotations, folder and Path(folder)) if download or annotations.is_file() else None
+    if download:
+        return PennFudanSource(default_root(root or params.get("root")))
+    root = Path(root or params.get("root", ""))
+    return PennFudanSource(root) if root.is_dir() else None

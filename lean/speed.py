@@ -1,5 +1,5 @@
 """How fast a step runs on the hardware at hand: which precision, layout and compilation pay, and the
-process-wide settings that the entry points make.
+process-wide settings every entry point makes (configure_process).
 
 Each default follows a measurement; docs/performance.md has the figures.
 """
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lean.internals import cpu_computes_in_bf16
-from lean.model import CANVAS_LEVELS, canvas_ladder
+from lean.canvas import CANVAS_LEVELS, canvas_ladder
+from lean.internals import cpu_computes_in_bf16, set_recompile_limit
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 COMPILE = ("off", "inductor", "cudagraphs")
@@ -108,3 +108,10 @@ def keep_freed_memory(limit=1 << 30):
         and bool(libc.mallopt(m_trim_threshold, limit))
         and bool(libc.mallopt(m_mmap_max, 0))
     )
+
+
+def configure_process():
+    """The process-wide settings every entry point makes, in one place: glibc keeps freed batches and step tensors
+    for reuse instead of faulting them in afresh, and dynamo keeps a graph per canvas of a compiled backbone."""
+    keep_freed_memory()
+    set_recompile_limit(RECOMPILE_LIMIT)

@@ -141,6 +141,7 @@ def _shape(kind, rng, figure, rows, cols):
 
 class SyntheticSource:
     kind = "synthetic"
+    box_end = "inclusive"  # boxes as the Penn-Fudan source derives them
 
     def __init__(self, num_images, seed, classes=1):
         if not 1 <= classes <= len(KINDS):
@@ -149,6 +150,7 @@ class SyntheticSource:
         self.classes = KINDS[: self.num_classes]
         self.category_ids = tuple(range(1, self.num_classes + 1))
         self.names = [f"Synthetic{seed:04d}_{i:05d}" for i in range(self.num_images)]
+        self.skipped = {}  # every figure drawn is kept
 
     def __len__(self):
         return self.num_images

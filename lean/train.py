@@ -8,11 +8,9 @@ SIGTERM arrives; --resume continues from it.
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +19,28 @@ import torch
 from lean import checkpoint, distributed
 from lean.cache import Cache
 from lean.cache import build as build_cache
-from lean.checkpoint import Checkpointer, Position, RunFolder, RunState, position_after
-from lean.cli import Parser, run
-from lean.config import DEFAULT_CACHE, TrainConfig
-from lean.engine import StopSignals, train_one_epoch, train_step
+from lean.checkpoint import Checkpointer, Position, RunFolder, position_after
+from lean.cli import Parser, add_device_argument, check_device, run
+from lean.config import DEFAULT_CACHE, SettingError, TrainConfig
+from lean.engine import RunState, StopSignals, train_one_epoch
 from lean.errors import LeanError
 from lean.evaluate import evaluate
-from lean.internals import set_recompile_limit
-from lean.loader import Loader, split_indices
-from lean.model import BACKBONES, ModelSpec, WeightsUnavailable, build_model
+from lean.loader import Loader
+from lean.model import BACKBONES, ModelSpec, create_model
 from lean.monitor import Monitor, NonFiniteLoss, TrainingLog
 from lean.optim import OPTIMIZERS, make_optimizer, make_scheduler
+from lean.pennfudan import PennFudanSource, default_root
 from lean.plot import Curves
-from lean.sources import PennFudanSource, default_root
-from lean.speed import AMP, COMPILE, RECOMPILE_LIMIT, Speed, keep_freed_memory, tune_for_speed
+from lean.sampling import split_indices
+from lean.speed import AMP, COMPILE, Speed, configure_process
+from lean.weights import WeightsUnavailable
 
 EXIT_DIVERGED = 3
 
 
 def main(argv=None):
     config = parse_args(argv)
-    keep_freed_memory()  # glibc reuses freed batches and step tensors instead of faulting them in afresh
-    set_recompile_limit(RECOMPILE_LIMIT)  # a compiled backbone keeps a graph per canvas
+    configure_process()
     device = torch.device(config.device)
     process = distributed.start(device.type)
     try:
@@ -63,9 +61,9 @@ def train(config, device, process):
     optimizer = make_optimizer(model, config.lr, config.optimizer, config.weight_decay)
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
-    checkpointer = Checkpointer(out, RunState(model, optimizer, scheduler, scaler), spec, config, process.main)
-    step = partial(train_step, distributed.wrap(model, process, device), optimizer=optimizer, scheduler=scheduler,
-                   scaler=scaler, amp_dtype=speed.amp, clip_norm=config.clip_grad)  # fmt: skip
+    run_state = RunState(model, optimizer, scheduler, scaler)
+    checkpointer = Checkpointer(out, run_state, spec, config, process.main)
+    trained = distributed.wrap(model, process, device)  # what the step calls: under DDP, the wrapper
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
     with RunFolder(out, process.main), TrainingLog(out / "metrics.jsonl", process.main) as log, StopSignals() as stop:
         position = checkpointer.resume() if config.resume else Position()
@@ -85,7 +83,8 @@ def train(config, device, process):
                 if iteration >= total_iterations:
                     break
                 loader.set_epoch(epoch, position.batch if epoch == position.epoch else 0)
-                iteration = train_one_epoch(step, loader, epoch, iteration, total_iterations, monitor, log, stop)
+                iteration = train_one_epoch(trained, run_state, speed.amp, config.clip_grad, loader, epoch, iteration,
+                                            total_iterations, monitor, log, stop)  # fmt: skip
                 segm_ap = None
                 if process.main and not stop.received and evaluation_due(config, epoch, iteration >= total_iterations):
                     report = evaluate(model, test_cache, test_indices, device, speed.amp)
@@ -177,13 +176,12 @@ def make_model(config, cache, speed, device, process):
         spec = dataclasses.replace(spec, pretrained=pretrained)
     torch.manual_seed(config.seed)
     try:
-        model = build_model(spec, state, download=config.weights == "coco")
+        model = create_model(spec, state, speed, device, download=config.weights == "coco")
     except WeightsUnavailable as error:
         raise LeanError(f"{error}; train from scratch with --weights none, "
                         "or pass --weights FILE with a state dict or lean checkpoint") from None  # fmt: skip
     except LeanError as error:
         raise LeanError(f"--weights {config.weights}: {error}") from None
-    model = tune_for_speed(model.to(device), speed)
     if config.sync_bn and process.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return spec, model
@@ -223,7 +221,7 @@ def parse_args(argv):
     )
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
     speed = parser.add_argument_group("speed (each default follows a measurement: docs/performance.md)")
-    speed.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(speed)
     speed.add_argument("--amp", choices=list(AMP), help="default: bf16 where the hardware computes in it, else off")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="default: on where bf16 is (CUDA, CPUs with bf16 hardware), else off")  # fmt: skip
@@ -245,35 +243,17 @@ def parse_args(argv):
         help="evaluate every this many epochs, and after the last",
     )
     run_group.add_argument("--log-every", type=int, default=defaults.log_every)
-    config = TrainConfig(**vars(parser.parse_args(argv)))
-    for name in ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every"):
-        if getattr(config, name) < 1:
-            parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
-    for name in ("max_iters", "test_size"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
-    if config.seed < 0:
-        parser.error("argument --seed: must not be negative")
-    for name in ("lr", "clip_grad"):
-        value = getattr(config, name)
-        if value is not None and not 0 < value < math.inf:  # nan fails it too
-            parser.error(f"argument --{name.replace('_', '-')}: must be a positive number, not {value}")
-    if not 0 <= config.weight_decay < math.inf:
-        parser.error(f"argument --weight-decay: must be a number, not negative, not {config.weight_decay}")
-    if config.min_size > config.max_size:
-        parser.error(f"argument --min-size: {config.min_size} is more than --max-size {config.max_size}")
+    try:
+        config = TrainConfig(**vars(parser.parse_args(argv)))
+    except SettingError as error:
+        parser.error(f"argument --{error.field.replace('_', '-')}: {error.problem}")
     if config.resume and config.out is None:
         parser.error("argument --resume: needs --out, the run folder to continue")
     if config.out is not None and config.out.exists() and not config.out.is_dir():
         parser.error(f"argument --out: {config.out} is a file, not a folder")
     if config.resume:
         config = resumed(config, given_flags(parser, argv))
-    if config.device == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: cuda requested but torch sees no CUDA device; use --device cpu")
-    if config.device == "cpu" and config.amp == "fp16":
-        parser.error("argument --amp: fp16 is for CUDA; use bf16 or off on the CPU")
-    if config.device == "cpu" and config.compile == "cudagraphs":
-        parser.error("argument --compile: cudagraphs is for CUDA; use inductor on the CPU")
+    check_device(parser, config.device)
     return config
 
 

@@ -1,5 +1,6 @@
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,31 @@ def write_pennfudan(root, examples):
         Image.fromarray(image).save(root / "PNGImages" / f"{name}.png")
         Image.fromarray(id_map).save(root / "PedMasks" / f"{name}_mask.png")
     return root
+
+
+def wait_for(predicate, timeout=60):
+    """True as soon as predicate() holds, False after `timeout` seconds: tests that race a process wait for a sign
+    that the work is under way, never for a fixed delay, so they pass on a machine of any speed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def bytes_on_disk(path):
+    """Bytes the file at `path` occupies on disk (0 if it is not there): a build preallocates its pixels sparsely,
+    so this grows only as its workers write images."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def build_writing(folder, name, least=1 << 20):
+    """A predicate for wait_for: a build of `folder/name` is writing pixels (its temporary holds `least` bytes)."""
+    return lambda: any(bytes_on_disk(path) >= least for path in Path(folder).glob(f".{name}.*.tmp"))
 
 
 @pytest.fixture
@@ -57,10 +83,12 @@ class ArraySource:
     kind = "arrays"
     classes = ("person",)
     category_ids = (1,)
+    box_end = "inclusive"
 
     def __init__(self, examples, fail_at=None, failure=LeanError):
         self.examples, self.fail_at, self.failure = examples, fail_at, failure
         self.names = [f"ex{i}" for i in range(len(examples))]
+        self.skipped = {}
 
     def __len__(self):
         return len(self.examples)

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -20,10 +19,10 @@ from PIL import Image
 from lean.cache import Cache, build
 from lean.cache.command import main as cache_main
 from lean.errors import LeanError
-from lean.sources import PennFudanSource
+from lean.pennfudan import PennFudanSource
 from lean.synthetic import SyntheticSource, synthesize
 from lean.targets import targets
-from tests.conftest import ArraySource, cli, write_pennfudan
+from tests.conftest import ArraySource, build_writing, cli, wait_for, write_pennfudan
 from tests.strategies import instance_maps
 
 
@@ -274,10 +273,7 @@ def test_ctrl_c_during_a_build_leaves_the_old_cache_untouched(tmp_path):
         text=True,
         preexec_fn=_foreground_ctrl_c,
     )
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".c.h5.*.tmp")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # well into decoding
+    assert wait_for(build_writing(tmp_path, out.name))  # well into decoding
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.splitlines()[-1] == "interrupted"

@@ -277,7 +277,7 @@ def test_the_pixel_limit_is_leans_own_where_another_library_lifts_pils(tmp_path,
 
 @pytest.mark.parametrize("which", ["pennfudan", "synthetic_classes", "coco_encoded"])
 def test_building_from_an_export_gives_the_same_targets(which, small_folder, tmp_path, capsys):
-    from lean.sources import PennFudanSource
+    from lean.pennfudan import PennFudanSource
     from lean.synthetic import SyntheticSource
 
     if which == "pennfudan":

@@ -10,7 +10,7 @@ import pytest
 
 from lean.download import fetch_pennfudan, safe_extract
 from lean.errors import LeanError
-from lean.sources import default_root
+from lean.pennfudan import default_root
 
 
 def _zip(members):

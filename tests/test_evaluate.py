@@ -18,8 +18,8 @@ from lean.cache import Cache, build
 from lean.checkpoint import load_model
 from lean.evaluate import STAT_NAMES, coco_eval, detections, on_host
 from lean.evaluate import main as evaluate_main
+from lean.pennfudan import PennFudanSource
 from lean.predict import main as predict_main
-from lean.sources import PennFudanSource
 from lean.train import main as train_main
 from tests.conftest import SMALL, cli
 

@@ -10,7 +10,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lean.frozen_norm import AppliedByConv, ConvWithFrozenNorm, fold_frozen_norms
-from lean.model import _BUILDERS, ModelSpec, build_model
+from lean.model import _BUILDERS, ModelSpec, create_model
 
 
 def frozen_backbone(seed, eps=1e-5, name="resnet18"):
@@ -85,10 +85,10 @@ def test_folding_twice_folds_nothing_more():
 @pytest.mark.parametrize("backbone", ["resnet50_fpn", "mobilenet_v3_fpn", "resnet18_fpn"])
 def test_lean_models_fold_every_frozen_norm_of_the_pretrained_layout(backbone):
     torch.manual_seed(0)
-    scratch = build_model(ModelSpec(backbone, min_size=96, max_size=160, pretrained=False))
+    scratch = create_model(ModelSpec(backbone, min_size=96, max_size=160, pretrained=False))
     assert not any(isinstance(module, (FrozenBatchNorm2d, ConvWithFrozenNorm)) for module in scratch.modules())
     pretrained_weights = _BUILDERS[backbone](2, True, False, 96, 160).state_dict()  # the layout, random values
-    model = build_model(ModelSpec(backbone, min_size=96, max_size=160), pretrained_weights)
+    model = create_model(ModelSpec(backbone, min_size=96, max_size=160), pretrained_weights)
     norms = [module for module in model.modules() if isinstance(module, FrozenBatchNorm2d)]
     assert norms and all(type(module) is AppliedByConv for module in norms)
     assert sum(isinstance(module, ConvWithFrozenNorm) for module in model.modules()) == len(norms)

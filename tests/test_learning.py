@@ -13,7 +13,7 @@ from lean.cache import Cache, build
 from lean.engine import train_step
 from lean.evaluate import coco_eval, predict_split
 from lean.loader import Loader
-from lean.model import ModelSpec, build_model
+from lean.model import ModelSpec, create_model
 from lean.optim import make_optimizer, make_scheduler
 from lean.synthetic import SyntheticSource
 
@@ -30,7 +30,7 @@ def box_scores(model, cache):
 def test_a_short_training_from_scratch_lifts_box_ap_well_above_the_untrained_models(tmp_path):
     cache = Cache(build(SyntheticSource(IMAGES, seed=5), tmp_path / "few.h5", workers=0, progress=False))
     torch.manual_seed(0)
-    model = build_model(ModelSpec("resnet18_fpn", min_size=128, max_size=224, pretrained=False))
+    model = create_model(ModelSpec("resnet18_fpn", min_size=128, max_size=224, pretrained=False))
     untrained_ap, untrained_ap50 = box_scores(model, cache)
 
     loader = Loader(cache, BATCH, seed=0, device=CPU, dtype=torch.uint8)

@@ -14,19 +14,17 @@ from PIL import Image
 
 from lean.cache import Cache, build
 from lean.errors import LeanError
-from lean.loader import (
-    Loader,
-    _Ahead,
-    _check_decoded_sizes,
-    _device_decodable,
-    _mapped_parts,
-    _pack,
-    _Slot,
-    _unpacked_parts,
-    aspect_groups,
-    assemble,
-    epoch_batches,
-    split_indices,
+from lean.loader import Loader, assemble
+from lean.sampling import aspect_groups, epoch_batches, split_indices
+from lean.staging import (
+    Ahead,
+    Slot,
+    check_decoded_sizes,
+    device_decodable,
+    mapped_parts,
+    pack,
+    slot_capacity,
+    unpacked_parts,
 )
 from lean.synthetic import SyntheticSource
 from lean.targets import targets as derive_targets
@@ -175,13 +173,13 @@ def test_degenerate_instances_are_left_out_of_training_targets_only(tmp_path):
 def test_the_device_path_assembles_what_the_cpu_path_does(cache, dtype):
     # The CUDA path packs into a slot and unpacks views of the copied bytes; on the CPU it can be run as it is.
     loader = Loader(cache, batch_size=4, device="cpu", seed=1)
-    slot = _Slot(loader._slot_capacity(), pinned=False)  # pinning needs CUDA
+    slot = Slot(slot_capacity(loader.cache, loader.batch_size), pinned=False)  # pinning needs CUDA
     flips = loader.flips()
     for batch in loader.batches():
         instances = loader._batch_instances(batch, flips)
-        used = _pack(cache, batch, instances, slot)
-        packed = assemble(_unpacked_parts(slot.buffer[:used], slot.layout, flips), flips, dtype)
-        mapped = assemble(_mapped_parts(cache, batch, instances, flips), flips, dtype)
+        used = pack(cache, batch, instances, slot)
+        packed = assemble(unpacked_parts(slot.buffer[:used], slot.layout, flips), flips, dtype)
+        mapped = assemble(mapped_parts(cache, batch, instances, flips), flips, dtype)
         for got, want in zip(packed[0], mapped[0]):
             assert torch.equal(got, want)
         for got, want in zip(packed[1], mapped[1]):
@@ -218,15 +216,15 @@ def test_images_decoded_on_the_device_fill_the_places_packing_left_for_them(phot
 
     raw, encoded = photo_caches
     loader = Loader(encoded, batch_size=3, device="cpu", seed=2, dtype=torch.uint8)
-    slot = _Slot(loader._slot_capacity(), pinned=False)
+    slot = Slot(slot_capacity(loader.cache, loader.batch_size), pinned=False)
     flips = loader.flips()
     want = Loader(raw, batch_size=3, device="cpu", seed=2, dtype=torch.uint8)
     for batch, (want_images, want_targets) in zip(loader.batches(), want):
-        jpegs = _device_decodable(encoded, batch)
+        jpegs = device_decodable(encoded, batch)
         assert len(jpegs) == len([i for i in batch if encoded.names[i].endswith(".jpg")])
         decoded = {i: decode_jpeg(torch.from_numpy(encoded.encoded(i).copy())) for i in jpegs}
-        used = _pack(encoded, batch, loader._batch_instances(batch, flips), slot, jpegs)
-        images, targets = assemble(_unpacked_parts(slot.buffer[:used], slot.layout, flips, decoded), flips, torch.uint8)
+        used = pack(encoded, batch, loader._batch_instances(batch, flips), slot, jpegs)
+        images, targets = assemble(unpacked_parts(slot.buffer[:used], slot.layout, flips, decoded), flips, torch.uint8)
         assert all(torch.equal(got, want) for got, want in zip(images, want_images))
         assert all(torch.equal(got[key], want[key]) for got, want in zip(targets, want_targets) for key in want)
 
@@ -234,10 +232,10 @@ def test_images_decoded_on_the_device_fill_the_places_packing_left_for_them(phot
 def test_an_image_decoded_to_another_size_than_the_cache_records_is_one_line_naming_it(photo_caches):
     _, encoded = photo_caches
     height, width = (int(side) for side in encoded.sizes[1])
-    _check_decoded_sizes(encoded, {1: torch.zeros(3, height, width, dtype=torch.uint8)})
+    check_decoded_sizes(encoded, {1: torch.zeros(3, height, width, dtype=torch.uint8)})
     message = f"{encoded.names[1]} decodes to {(height, width + 1)}, not the cached size {(height, width)}"
     with pytest.raises(LeanError, match=re.escape(message)):
-        _check_decoded_sizes(encoded, {1: torch.zeros(3, height, width + 1, dtype=torch.uint8)})
+        check_decoded_sizes(encoded, {1: torch.zeros(3, height, width + 1, dtype=torch.uint8)})
 
 
 # --- determinism and resume ----------------------------------------------------------------------
@@ -277,7 +275,7 @@ def _loader_threads():
 
 
 def test_breaking_out_of_an_epoch_stops_the_thread():
-    ahead = _Ahead(lambda batch: batch, list(range(50)))
+    ahead = Ahead(lambda batch: batch, list(range(50)))
     for _ in ahead:
         assert _loader_threads()
         break
@@ -286,7 +284,7 @@ def test_breaking_out_of_an_epoch_stops_the_thread():
 
 
 def test_the_thread_hands_over_every_batch_in_order_however_slow_the_consumer():
-    ahead = _Ahead(lambda batch: batch * 2, list(range(30)))
+    ahead = Ahead(lambda batch: batch * 2, list(range(30)))
     seen = []
     for item in ahead:
         seen.append(item)
@@ -301,7 +299,7 @@ def test_an_error_in_the_thread_reaches_the_consumer():
             raise OSError("disk gone")
         return batch
 
-    ahead = _Ahead(broken, list(range(10)))
+    ahead = Ahead(broken, list(range(10)))
     with pytest.raises(OSError, match="disk gone"):
         list(ahead)
     ahead.stop()
@@ -313,7 +311,7 @@ def test_an_error_making_a_batch_on_the_cpu_reaches_the_consumer_and_the_cache_s
         raise OSError("disk gone")
 
     with monkeypatch.context() as patched:
-        patched.setattr("lean.loader._mapped_parts", broken)
+        patched.setattr("lean.staging.mapped_parts", broken)
         with pytest.raises(OSError, match="disk gone"):
             list(Loader(cache, device="cpu"))
     assert len(list(Loader(cache, batch_size=5, device="cpu"))) == 5
@@ -324,7 +322,7 @@ def test_training_has_glibc_keep_freed_batches_and_a_loader_leaves_the_process_a
     import lean.train
 
     calls = []
-    monkeypatch.setattr("lean.train.keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("lean.speed.keep_freed_memory", lambda: calls.append(1))
     monkeypatch.setattr("lean.train.train", lambda *args: 0)
     Loader(cache, device="cpu")
     assert calls == []  # a process-wide setting: the entry point's to make, in plain view
@@ -394,7 +392,7 @@ def test_cuda_decodes_a_caches_jpegs_with_nvjpeg_close_to_the_cpus_decoder(photo
 @cuda
 def test_cuda_slots_are_pinned_and_freed_when_the_epoch_is_abandoned(cache):
     loader = Loader(cache, batch_size=2, device="cuda")
-    assert _Slot(1024).buffer.is_pinned()
+    assert Slot(1024).buffer.is_pinned()
     for _ in loader:
         break
     gc.collect()
@@ -446,7 +444,7 @@ def test_a_cache_of_encoded_pixels_loads_the_same_batches(small_folder_cache_pai
 
 @pytest.fixture
 def small_folder_cache_pair(small_folder, tmp_path):
-    from lean.sources import PennFudanSource
+    from lean.pennfudan import PennFudanSource
 
     source = PennFudanSource(small_folder)
     return tuple(

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lean import masks as mask_codec
-from lean.loader import paste_masks
+from lean.staging import paste_masks
 
 
 @st.composite

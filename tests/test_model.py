@@ -11,20 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from lean.canvas import CANVAS_LEVELS, COMPILED_CANVAS_STEP, canvas_ladder, canvas_side, pad_to_canvas
 from lean.checkpoint import read_weights
 from lean.errors import LeanError
-from lean.model import (
-    CANVAS_LEVELS,
-    COMPILED_CANVAS_STEP,
-    PREDICTORS,
-    ModelSpec,
-    WeightsUnavailable,
-    build_model,
-    canvas_ladder,
-    canvas_side,
-    pad_to_canvas,
-)
+from lean.model import PREDICTORS, ModelSpec, create_model
 from lean.speed import RECOMPILE_LIMIT, Speed, tune_for_speed
+from lean.weights import WeightsUnavailable
 
 SCRATCH = ModelSpec("resnet50_fpn", min_size=320, max_size=512, pretrained=False)
 PRETRAINED = ModelSpec("resnet50_fpn", min_size=320, max_size=512)
@@ -32,13 +24,13 @@ PRETRAINED = ModelSpec("resnet50_fpn", min_size=320, max_size=512)
 
 def test_weights_from_a_file_get_the_layout_of_downloaded_ones(tmp_path):
     torch.manual_seed(0)
-    scratch = build_model(SCRATCH)
+    scratch = create_model(SCRATCH)
     assert not any(isinstance(module, FrozenBatchNorm2d) for module in scratch.modules())
     assert all(parameter.requires_grad for parameter in scratch.parameters())
     torch.save(scratch.state_dict(), tmp_path / "weights.pt")
 
     state, pretrained = read_weights(tmp_path / "weights.pt")
-    model = build_model(ModelSpec("resnet50_fpn", min_size=320, max_size=512, pretrained=pretrained), state)
+    model = create_model(ModelSpec("resnet50_fpn", min_size=320, max_size=512, pretrained=pretrained), state)
     trunk = model.backbone.body
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert sum(isinstance(module, FrozenBatchNorm2d) for module in trunk.modules()) == 53  # ResNet-50's every norm
@@ -86,16 +78,16 @@ def test_a_tampered_file_in_torchs_download_cache_is_refused_not_run(tmp_path, m
     torch.save({"weight": Payload()}, cached)  # found there, torch.hub loads it without downloading or hashing it
     spec = ModelSpec("mobilenet_v3_fpn", min_size=128, max_size=224)
     with pytest.raises(WeightsUnavailable, match="ImageNet weights file there holds more than tensors"):
-        build_model(spec, download=True)
+        create_model(spec, download=True)
     assert RAN == [] and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_weights_for_another_number_of_classes_keep_all_but_their_predictors(capsys):
     torch.manual_seed(0)
-    coco_like = build_model(
+    coco_like = create_model(
         ModelSpec("resnet50_fpn", tuple(map(str, range(90))), 320, 512, False)
     ).state_dict()  # the COCO weights' shapes
-    model = build_model(PRETRAINED, coco_like)
+    model = create_model(PRETRAINED, coco_like)
     state = model.state_dict()
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2
     assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 2
@@ -105,10 +97,10 @@ def test_weights_for_another_number_of_classes_keep_all_but_their_predictors(cap
     assert all(torch.equal(value, coco_like[key]) for key, value in state.items() if not key.startswith(PREDICTORS))
     assert "predictors are for another number of classes" in capsys.readouterr().err
 
-    assert all(torch.equal(value, state[key]) for key, value in build_model(PRETRAINED, state).state_dict().items())
+    assert all(torch.equal(value, state[key]) for key, value in create_model(PRETRAINED, state).state_dict().items())
     del coco_like["backbone.fpn.inner_blocks.0.0.weight"]
     with pytest.raises(LeanError, match="does not fit"):
-        build_model(PRETRAINED, coco_like)
+        create_model(PRETRAINED, coco_like)
 
 
 sizes = st.tuples(st.integers(32, 900), st.integers(1, 1400)).map(
@@ -154,7 +146,7 @@ def test_penn_fudan_sized_batches_meet_few_shapes_at_the_tutorials_sizes():
     generator = torch.Generator().manual_seed(0)
     heights = torch.randint(300, 600, (200,), generator=generator)
     widths = (heights * (0.6 + 1.2 * torch.rand(200, generator=generator))).long()
-    model = build_model(ModelSpec("mobilenet_v3_fpn", pretrained=False))
+    model = create_model(ModelSpec("mobilenet_v3_fpn", pretrained=False))
     model = tune_for_speed(model, Speed(compile="inductor", canvases=True))  # compiles lazily: the transform runs eager
     assert model.transform.canvas_ladder == canvas_ladder(800, 1333)
     assert 2 * len(model.transform.canvas_ladder) ** 2 <= RECOMPILE_LIMIT  # what the entry points set
@@ -184,7 +176,7 @@ def test_leans_five_losses_are_torchvisions_given_the_same_weights_batch_and_see
     torch.manual_seed(0)
     reference = seed_model(160, 256).to(device).train()
     spec = ModelSpec("resnet50_fpn", min_size=160, max_size=256)
-    model = build_model(spec, reference.state_dict()).to(device)
+    model = create_model(spec, reference.state_dict()).to(device)
     if device.type == "cuda":
         # Same layout and full fp32 on both sides: a random model's objectness scores are near ties, and
         # TF32's rounding (of folded weights against torchvision's conv-then-scale) reorders them.

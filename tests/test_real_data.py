@@ -7,7 +7,7 @@ from PIL import Image
 
 from bench.seed_pipeline import SeedPennFudan, seed_targets
 from lean.cache import Cache, build
-from lean.sources import PennFudanSource
+from lean.pennfudan import PennFudanSource
 from tests.conftest import REAL_DATA
 
 pytestmark = pytest.mark.skipif(not REAL_DATA, reason="set LEAN_PENNFUDAN to the PennFudanPed folder")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from lean.model import ModelSpec, build_model
+from lean.model import ModelSpec, create_model
 from lean.roi_align import SparseRoIAlign, pyramid_roi_align, roi_align_by_level
 
 
@@ -99,7 +99,7 @@ def test_adaptive_sampling_is_left_to_torchvision():
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_fpn", "mobilenet_v2"])
 def test_models_pool_with_it_and_their_losses_are_torchvisions(backbone):
     torch.manual_seed(0)
-    model = build_model(ModelSpec(backbone, min_size=96, max_size=160, pretrained=False)).train()
+    model = create_model(ModelSpec(backbone, min_size=96, max_size=160, pretrained=False)).train()
     heads = model.roi_heads
     assert isinstance(heads.box_roi_pool, SparseRoIAlign) and isinstance(heads.mask_roi_pool, SparseRoIAlign)
     images = [torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8) for _ in range(2)]

@@ -12,10 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lean.cache import Cache, build
+from lean.canvas import canvas_ladder
 from lean.checkpoint import read_weights
 from lean.engine import train_step
 from lean.loader import Loader
-from lean.model import ModelSpec, build_model, canvas_ladder
+from lean.model import ModelSpec, create_model
 from lean.monitor import Monitor, TrainingLog
 from lean.optim import lr_factor, make_optimizer, make_scheduler
 from lean.speed import Speed, channels_last_is_fast
@@ -32,7 +33,7 @@ def tiny_cache(tmp_path_factory):
 
 def small_model(seed=0):
     torch.manual_seed(seed)
-    return build_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=False))
+    return create_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=False))
 
 
 def run_train(argv, capsys):
@@ -138,7 +139,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache,
     good = (tmp_path / "last.pt").read_bytes()
 
     def poisoned(*args, **kwargs):
-        model = build_model(*args, **kwargs)
+        model = create_model(*args, **kwargs)
         calls = []
 
         def poison(module, inputs, output):  # the second step's mask loss turns to NaN
@@ -150,7 +151,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache,
         model.roi_heads.register_forward_hook(poison)
         return model
 
-    monkeypatch.setattr("lean.train.build_model", poisoned)
+    monkeypatch.setattr("lean.train.create_model", poisoned)
     status, _, stderr = run_train([*common, "--epochs", "2", "--resume"], capsys)
     assert status == 3
     assert "non-finite loss at iteration 6" in stderr and "loss_mask=nan" in stderr
@@ -239,7 +240,7 @@ def test_a_lean_checkpoint_loads_as_weights(tiny_cache, tmp_path, capsys):
     common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--max-iters", "1"]
     assert run_train([*common, "--out", str(tmp_path)], capsys)[0] == 0
     saved, pretrained = read_weights(tmp_path / "last.pt")
-    model = build_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=pretrained), saved)
+    model = create_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=pretrained), saved)
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
     # The run trained from scratch: its model comes back as it trained, BatchNorm live.
     assert not pretrained and any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
@@ -313,7 +314,7 @@ def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path,
         graphs_during_evaluation.append(counters["stats"]["unique_graphs"] - before)
         return predictions
 
-    monkeypatch.setattr("lean.train.tune_for_speed", tune_quickly)
+    monkeypatch.setattr("lean.model.tune_for_speed", tune_quickly)
     monkeypatch.setattr("lean.evaluate.predict_split", counted)
     torch._dynamo.reset()
     argv = [

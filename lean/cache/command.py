@@ -17,14 +17,13 @@ from lean.cache.reader import Cache
 from lean.cache.verify import first_corrupted, first_mismatch
 from lean.cache.writer import PIXELS, build
 from lean.cli import Parser
-from lean.coco import CocoSource
 from lean.progress import Progress
-from lean.sources import PennFudanSource, default_root
-from lean.synthetic import KINDS, SyntheticSource
+from lean.sources import KINDS as SOURCES
+from lean.sources import open_source
+from lean.synthetic import KINDS
 from lean.targets import is_degenerate
 
 DEFAULT_OUT = {"pennfudan": Path("cache/pennfudan.h5"), "synthetic": Path("cache/synthetic.h5")}
-SOURCES = ("pennfudan", "coco", "synthetic")
 
 
 def parse_args(argv):
@@ -84,19 +83,20 @@ def parse_args(argv):
     return args
 
 
-def source_from(args):
+def build_params(args):
+    """The build's arguments as the params a cache records of its source."""
     if args.source == "synthetic":
-        return SyntheticSource(args.num_images, args.seed, args.classes)
+        return {"source": "synthetic", "num_images": args.num_images, "seed": args.seed, "classes": args.classes}
     if args.source == "coco":
-        return CocoSource(args.annotations, args.images)
-    return PennFudanSource(default_root(args.root))
+        return {"source": "coco", "annotations": args.annotations, "images": args.images}
+    return {"source": "pennfudan", "root": args.root}
 
 
 def command_build(args):
-    source = source_from(args)
+    source = open_source(build_params(args), download=True)
     out = args.out or (args.annotations.with_suffix(".h5") if args.source == "coco" else DEFAULT_OUT[args.source])
     build(source, out, workers=args.workers, pixels=args.pixels)
-    skipped = "".join(f"; skipped {count} {why}" for why, count in getattr(source, "skipped", {}).items())
+    skipped = "".join(f"; skipped {count} {why}" for why, count in source.skipped.items())
     print(f"wrote {out} ({len(source)} images{skipped})")
 
 
@@ -140,7 +140,7 @@ def command_verify(args):
     if damage:
         print(f"MISMATCH {args.path}: {damage}")
         return 1
-    source = source_of(cache, args)
+    source = open_source(cache.params, args.root, args.annotations, args.images)
     if source is None:
         print(f"OK {args.path}: {len(cache)} images match their checksums (the source is not at hand to compare with)")
         return 0
@@ -150,18 +150,6 @@ def command_verify(args):
         return 1
     print(f"OK {args.path}: {len(cache)} images match their checksums, and their targets match the source")
     return 0
-
-
-def source_of(cache, args):
-    """The source the cache was built from (or the one the arguments name), or None if it is gone."""
-    params = cache.params
-    if params.get("source") == "synthetic":
-        return SyntheticSource(params["num_images"], params["seed"], params.get("classes", 1))
-    if params.get("source") == "coco":
-        annotations = args.annotations or Path(params["annotations"])
-        return CocoSource(annotations, args.images or Path(params["images"])) if annotations.is_file() else None
-    root = args.root or Path(params.get("root", ""))
-    return PennFudanSource(root) if root.is_dir() else None
 
 
 def command_export(args):

@@ -162,8 +162,8 @@ def build(source, out, workers=None, progress=True, pixels=None):
                 classes=json.dumps(list(source.classes)),
                 category_ids=json.dumps([int(c) for c in source.category_ids]),
                 pixels=pixels,
-                box_end=getattr(source, "box_end", "inclusive"),
-                skipped=json.dumps(getattr(source, "skipped", {})),
+                box_end=source.box_end,
+                skipped=json.dumps(source.skipped),
             )
         with open(temporary, "rb+") as synced:
             os.fsync(synced.fileno())  # the rename below must never expose a file still only half on disk

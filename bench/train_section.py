@@ -1,0 +1,125 @@
+"""The train section: the tutorial's training step against lean.train's, from the same weights, side by side."""
+
+import dataclasses
+import statistics
+
+import torch
+
+from bench.common import epochs, scratch_cache, time_steps
+from bench.seed_pipeline import seed_loader, seed_model, seed_step
+from lean.engine import train_step
+from lean.loader import Loader
+from lean.model import ModelSpec, create_model
+from lean.optim import make_optimizer, make_scheduler
+from lean.speed import Speed
+
+
+def seed_training(root, device, min_size, max_size):
+    """(step, batches, weights): the tutorial's step (torchvision's resnet50_fpn, eager fp32, SGD at lr 0) from
+    a fixed random init, its Dataset + DataLoader's batches without end, and the init's weights."""
+    torch.manual_seed(0)
+    model = seed_model(min_size, max_size).to(device).train()
+    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    optimizer = make_optimizer(model, 0.0, fused=False)  # the tutorial's SGD, as torch configures it by default
+
+    def step(batch):
+        seed_step(model, optimizer, *batch, device)
+
+    return step, epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True)), weights
+
+
+def lean_training(cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None):
+    """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn from `weights` (a state dict; if
+    not given, the seed model's fixed random init) with `speed` (default: lean's for the device), and the
+    Loader's batches without end."""
+    if weights is None:
+        torch.manual_seed(0)
+        weights = seed_model(min_size, max_size).state_dict()
+    speed = speed or Speed.for_device(device)
+    spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size)  # the fine-tuning layout
+    model = create_model(spec, weights, speed, device).train()
+    optimizer = make_optimizer(model, lr, fused=fused)
+    loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8)
+    scheduler = make_scheduler(optimizer, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
+
+    def step(batch):
+        train_step(model, *batch, optimizer, scheduler, scaler, speed.amp)
+
+    def batches(epoch):
+        loader.set_epoch(epoch)
+        return loader
+
+    return step, epochs(batches)
+
+
+def lean_variants(device, inductor):
+    """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then on
+    CUDA the same step with batches padded as torchvision pads them, with foreach SGD, and with the
+    backbone replayed as CUDA graphs; with `inductor`, the backbone compiled by inductor."""
+    default = Speed.for_device(device)
+    variants = {f"lean's default ({default})": (default, None)}
+    if device.type == "cuda":
+        variants["batches padded as they come"] = (dataclasses.replace(default, canvases=False), None)
+        variants["foreach SGD"] = (default, False)
+        variants["CUDA graphs (--compile cudagraphs)"] = (dataclasses.replace(default, compile="cudagraphs"), None)
+    if inductor:
+        variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None)
+    return variants
+
+
+def train_section(root, steps, warmup, min_size, max_size, device, inductor, scratch):
+    """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
+    step in each of lean_variants; yields each row as soon as it is measured.
+
+    Both fine-tune torchvision's resnet50_fpn Mask R-CNN in the layout its COCO weights give it, from the
+    same random weights, with SGD at learning rate 0 (a real step's work on weights that stay put, so step
+    costs do not drift), batch 2, `warmup` untimed then `steps` timed steps; a step's time runs from asking
+    for its batch to the device finishing it. A compiled variant's compile time is the time its steps took
+    over their median, warm-up and timed steps together (a new canvas compiles when first met).
+    docs/performance.md has the method's reasons.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size)
+    seed_waits, seed_totals = time_steps(seed_step, seed_batches, warmup + steps, sync)
+    seed_rate = 2 / statistics.median(seed_totals[warmup:])
+    seed_wait = 100 * sum(seed_waits[warmup:]) / sum(seed_totals[warmup:])
+    del seed_step, seed_batches
+
+    cache = scratch_cache(root, scratch)
+    for label, (speed, fused) in lean_variants(device, inductor).items():
+        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused)
+        waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
+        median = statistics.median(totals[warmup:])
+        rate = 2 / median
+        where = f"{device.type}, {min_size}/{max_size} px"
+        yield (
+            "train",
+            f"images/s, median of {steps} steps ({where}; {label})",
+            "seed Dataset + eager fp32 Mask R-CNN",
+            seed_rate,
+            rate,
+            rate / seed_rate,
+        )
+        wait = 100 * sum(waits[warmup:]) / sum(totals[warmup:])
+        yield (
+            "train",
+            f"waiting for data, % of step time ({label})",
+            "seed DataLoader, 2 workers",
+            seed_wait,
+            wait,
+            float("nan"),
+        )
+        if speed.compile != "off":
+            compile_s = sum(max(0.0, total - median) for total in totals)
+            yield (
+                "train",
+                f"compile time, seconds: steps' time over their median ({label})",
+                "-",
+                0.0,
+                compile_s,
+                float("nan"),
+            )
+        del lean_step, lean_batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
