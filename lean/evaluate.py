@@ -31,6 +31,7 @@ from lean.files import write_atomically
 from lean.loader import Loader
 from lean.progress import Progress
 from lean.sampling import split_indices
+from lean.speed import configure_process
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -227,6 +228,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_process()
     device = torch.device(args.device)
     model, spec, config = checkpoint.load_model(args.checkpoint, device)
     path = args.cache or config.val_cache or config.cache

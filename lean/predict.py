@@ -26,6 +26,7 @@ from lean.errors import LeanError, reason
 from lean.files import write_atomically
 from lean.images import SUFFIXES, decode_rgb, read_header
 from lean.progress import Progress
+from lean.speed import configure_process
 
 HANDFUL = 8  # more images than this get a progress line
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
@@ -181,6 +182,7 @@ def parse_args(argv):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
+    configure_process()
     paths = expand(args.images)
     device = torch.device(args.device)
     model, spec, _ = load_model(args.checkpoint, device)

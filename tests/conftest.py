@@ -1,5 +1,11 @@
+"""What the tests share: the suite's few built caches and trained runs (session-wide, built once, never written
+to by a test), the small model's flags, fake sources, and helpers that run commands and wait for events."""
+
+import contextlib
 import hashlib
+import io
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -7,15 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lean.cache import Cache, build
 from lean.cli import run
+from lean.coco import CocoSource
 from lean.errors import LeanError
 from lean.example import from_instance_map
-from lean.synthetic import synthesize
+from lean.synthetic import SyntheticSource, synthesize
+from lean.train import main as train_main
+from tests.coco_files import annotation, dataset, polygon, write_coco
 
 REAL_DATA = os.environ.get("LEAN_PENNFUDAN")
 # The small model's flags for lean.train. On the CPU wherever a GPU is at hand too: resume equality is a CPU
 # promise (CUDA's kernels are not all deterministic).
 SMALL = "--backbone mobilenet_v3_fpn --weights none --min-size 96 --max-size 160 --device cpu".split()
+QUICK = [*SMALL, "--test-size", "2", "--no-eval"]
 
 
 def write_pennfudan(root, examples):
@@ -27,6 +38,11 @@ def write_pennfudan(root, examples):
         Image.fromarray(image).save(root / "PNGImages" / f"{name}.png")
         Image.fromarray(id_map).save(root / "PedMasks" / f"{name}_mask.png")
     return root
+
+
+def loader_threads():
+    """The Loader's background threads alive now."""
+    return [thread for thread in threading.enumerate() if thread.name.startswith("lean-loader")]
 
 
 def wait_for(predicate, timeout=60):
@@ -140,3 +156,107 @@ def overlapping_example(seed, height=24, width=32, count=4):
     labels = rng.integers(1, 4, count).astype(np.int64)
     digest = hashlib.sha256(pixels.tobytes() + masks.tobytes()).digest()
     return Example((height, width), masks, boxes, area, labels, np.zeros(count, np.int64), digest, pixels=pixels)
+
+
+# --- the suite's caches and runs: built once, read by every test that can use them -------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Ten synthetic images: the cache every test that trains or evaluates the small model uses."""
+    return build(SyntheticSource(10, seed=4), tmp_path_factory.mktemp("tiny") / "tiny.h5", workers=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny, tmp_path_factory):
+    """A run of the small model on `tiny`: two epochs, evaluated after each (last.pt, best.pt, metrics, curves)."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--epochs", "2", "--seed", "0", "--out", str(out)]
+    assert exit_status(train_main, argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny, run_dir):
+    """(the cache, the run folder) of `run_dir`."""
+    return tiny, run_dir
+
+
+@pytest.fixture(scope="session")
+def short_run(tiny, tmp_path_factory):
+    """(the cache, the run folder) of two iterations of the small model on `tiny`, evaluated once at the end."""
+    out = tmp_path_factory.mktemp("short")
+    argv = ["--cache", str(tiny), *SMALL, *"--test-size 2 --no-compile --max-iters 2 --out".split(), str(out)]
+    assert exit_status(train_main, argv) == 0
+    return tiny, out
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """23 synthetic images, opened: what the loader's tests batch."""
+    return Cache(build(SyntheticSource(23, seed=5), tmp_path_factory.mktemp("c") / "c.h5", workers=0, progress=False))
+
+
+@pytest.fixture(scope="session")
+def photo_caches(tmp_path_factory):
+    """(raw, encoded) caches of a COCO folder of five JPEGs and one PNG, two overlapping instances each."""
+
+    folder = tmp_path_factory.mktemp("photos")
+    names = [f"{k}.png" if k == 2 else f"sub/{k}.jpg" for k in range(6)]
+    images = [{"id": k + 1, "file_name": name, "width": 48 + 8 * k, "height": 40} for k, name in enumerate(names)]
+    overlapping = [(2 * k + j + 1, k + 1, j + 1, 4 + 6 * j) for k in range(6) for j in range(2)]
+    instances = [annotation(n, image_id, label, [polygon(x, 5, 20, 20)], bbox=[x, 5, 20, 20])
+                 for n, image_id, label, x in overlapping]  # fmt: skip
+    path = write_coco(folder, dataset(instances, images))
+    for image in images[:2] + images[3:]:  # smooth pixels, as in photos, not write_coco's noise
+        y, x = np.mgrid[: image["height"], : image["width"]]
+        pixels = np.stack([64 + 2 * x, 96 + 3 * y, 200 - x - y], -1)
+        pixels[10:30, 12:28] = 230
+        # Colour at full resolution: decoders differ in how they upsample subsampled colour, not in where pixels go.
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / image["file_name"], "JPEG", quality=90, subsampling=0)
+    return tuple(
+        Cache(build(CocoSource(path), folder / f"{kind}.h5", workers=0, progress=False, pixels=kind))
+        for kind in ("raw", "encoded")
+    )
+
+
+def one_line(status, stderr, *words):
+    """The command refused its input as bad input should be refused: exit 2, one line naming `words`."""
+    return status == 2 and all(word in stderr for word in words) and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="session")
+def three_classes(tmp_path_factory):
+    """(train, valid) caches of three overlapping kinds of figure."""
+    folder = tmp_path_factory.mktemp("classes")
+    train = build(SyntheticSource(10, seed=1, classes=3), folder / "train.h5", workers=0, progress=False)
+    valid = build(SyntheticSource(4, seed=2, classes=3), folder / "valid.h5", workers=0, progress=False)
+    return train, valid
+
+
+@pytest.fixture(scope="session")
+def trained(three_classes, tmp_path_factory):
+    """A run of the small model on `three_classes`, validated on its valid cache: one epoch."""
+    train, valid = three_classes
+    out = tmp_path_factory.mktemp("run")
+    argv = [
+        "--cache",
+        str(train),
+        "--val-cache",
+        str(valid),
+        *SMALL,
+        "--no-compile",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = exit_status(train_main, argv)
+    assert status == 0
+    return out
+
+
+def run_train(argv, capsys):
+    """lean.train run in-process: (exit status, stdout, stderr)."""
+    return cli(train_main, argv, capsys)

@@ -22,7 +22,8 @@ from lean.errors import LeanError
 from lean.pennfudan import PennFudanSource
 from lean.synthetic import SyntheticSource, synthesize
 from lean.targets import targets
-from tests.conftest import ArraySource, build_writing, cli, wait_for, write_pennfudan
+from lean.train import main as train_main
+from tests.conftest import QUICK, ArraySource, build_writing, cli, one_line, wait_for, write_pennfudan
 from tests.strategies import instance_maps
 
 
@@ -363,3 +364,106 @@ def test_pixels_are_stored_raw_under_two_gib_and_encoded_above():
 
     assert default_pixels(np.array([[1000, 1000]] * 700)) == "raw"  # 2.1 GB... of 3-byte pixels: 1.96 GiB
     assert default_pixels(np.array([[3000, 4000]] * 100)) == "encoded"  # 100 12-megapixel photos: 3.4 GiB
+
+
+def _flip_byte(path, dataset, index=0):
+    with h5py.File(path, "r+") as handle:
+        data = handle[dataset][...]
+        flat = data.reshape(-1).view(np.uint8)
+        flat[index] ^= 0xFF
+        handle[dataset][...] = data
+
+
+@pytest.mark.parametrize("dataset", ["sizes", "pixel_offsets", "instance_offsets", "mask_offsets", "mask_crops"])
+def test_a_cache_with_flipped_index_bytes_is_refused_in_one_line(tiny, tmp_path, dataset, capsys):
+    path = tmp_path / "c.h5"
+    path.write_bytes(tiny.read_bytes())
+    _flip_byte(path, dataset, index=8 if dataset.endswith("offsets") else 0)
+    for argv in (["info", str(path)], ["verify", str(path)]):
+        status, _, stderr = cli(cache_main, argv, capsys)
+        assert one_line(status, stderr, "damaged cache"), stderr
+    status, _, stderr = cli(train_main, ["--cache", str(path), *QUICK, "--out", str(tmp_path / "r")], capsys)
+    assert one_line(status, stderr, "damaged cache") and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "attribute, value, reason",
+    [
+        ("classes", "not json", "attribute classes"),
+        ("classes", "5", "attribute classes"),
+        ("params", "{", "attribute params"),
+        ("skipped", "[1]", "attribute skipped"),
+        ("category_ids", "[1, 2, 3, 4, 5, 6, 7]", "classes"),
+        ("box_end", "sideways", "box end"),
+    ],
+)
+def test_a_cache_with_a_damaged_attribute_is_refused_in_one_line(tiny, tmp_path, attribute, value, reason, capsys):
+    path = tmp_path / "c.h5"
+    path.write_bytes(tiny.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        handle.attrs[attribute] = value
+    for argv in (["info", str(path)], ["verify", str(path)]):
+        status, _, stderr = cli(cache_main, argv, capsys)
+        assert one_line(status, stderr, f"damaged cache ({reason})"), stderr
+
+
+def test_flipped_pixel_bytes_are_found_by_their_checksum_without_the_source(tiny, tmp_path, capsys):
+    path = tmp_path / "c.h5"
+    path.write_bytes(tiny.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        pixels = handle["pixels"][...]
+        pixels.reshape(-1)[1000] ^= 0x40
+        handle["pixels"][...] = pixels
+    status, stdout, _ = cli(cache_main, ["verify", str(path)], capsys)
+    assert status == 1 and "MISMATCH" in stdout and "checksum" in stdout
+
+
+# --- one line where there were tracebacks ------------------------------------------------------------
+
+
+def test_a_build_into_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("lean.cache.writer.h5py.File", read_only)
+    monkeypatch.setattr("pathlib.Path.unlink", read_only)
+    status, _, stderr = cli(
+        cache_main, ["build", "--source", "synthetic", "--num-images", "2", "--out", str(tmp_path / "c.h5")], capsys
+    )
+    assert one_line(status, stderr, "Read-only file system"), stderr
+
+
+def _build_command(out, count=3000):
+    return [sys.executable, "-m", "lean.cache", "build", "--source", "synthetic", "--num-images", str(count),
+            "--workers", "2", "--out", str(out)]  # fmt: skip
+
+
+def _processes_writing(path):
+    """PIDs whose command line names `path` (the build and its forked workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if str(path).encode() in cmdline.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_build_leaves_no_workers_and_its_temporary_is_cleared(tmp_path, how):
+    out = tmp_path / "c.h5"
+    process = subprocess.Popen(_build_command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(build_writing(tmp_path, out.name))
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr
+    assert wait_for(lambda: not _processes_writing(out), timeout=20)  # the workers died with their parent
+    if how == signal.SIGTERM:
+        assert not list(tmp_path.glob(".c.h5.*.tmp"))
+    else:  # a SIGKILLed build cannot clean up: the next one does
+        assert list(tmp_path.glob(".c.h5.*.tmp"))
+        subprocess.run(_build_command(out, count=2), check=True, capture_output=True, timeout=120)
+        assert not list(tmp_path.glob(".c.h5.*.tmp")) and out.is_file()

@@ -11,17 +11,15 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bench.seed_pipeline import seed_targets
 from lean.cache import Cache, build
-from lean.checkpoint import load_model
-from lean.evaluate import STAT_NAMES, coco_eval, detections, on_host
+from lean.coco import CocoSource
+from lean.evaluate import STAT_NAMES, coco_eval, detections, in_source_terms, on_host
 from lean.evaluate import main as evaluate_main
 from lean.pennfudan import PennFudanSource
-from lean.predict import main as predict_main
-from lean.train import main as train_main
-from tests.conftest import SMALL, cli
+from tests.coco_files import annotation, dataset, polygon, write_coco
+from tests.conftest import cli
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -173,30 +171,8 @@ def test_no_detections_score_zero(folder_cache):
     assert report["bbox"]["AP"] == 0 and report["segm"]["AP"] == 0
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A checkpoint from two training iterations of the small model: enough to exercise the commands."""
-    from lean.synthetic import SyntheticSource
-
-    folder = tmp_path_factory.mktemp("run")
-    cache = build(SyntheticSource(8, seed=2), folder / "c.h5", workers=0, progress=False)
-    argv = [
-        "--cache",
-        str(cache),
-        *SMALL,
-        *"--test-size 2 --no-compile --max-iters 2 --out".split(),
-        str(folder / "run"),
-    ]
-    with pytest.raises(SystemExit) as exited:
-        from lean.cli import run
-
-        run(train_main, argv)
-    assert exited.value.code == 0
-    return cache, folder / "run"
-
-
-def test_training_writes_the_stats_of_every_evaluation(trained_run):
-    _, run_dir = trained_run
+def test_training_writes_the_stats_of_every_evaluation(short_run):
+    _, run_dir = short_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [record for record in records if "segm" in record]
     assert len(evaluations) == 1 and len(evaluations[0]["bbox"]) == 12
@@ -215,115 +191,60 @@ def test_evaluate_command_writes_json(trained_run, tmp_path, capsys):
     assert "IoU metric: segm" in stdout
 
 
-def as_version_1(state):
-    """What lean wrote before the checkpoint schema (2026-11-26): the command line's arguments as "args", no spec."""
-    args = {**state["config"], "compile": False}
-    return {key: value for key, value in state.items() if key not in ("format", "version", "model_spec", "config")} | {
-        "args": args
-    }
-
-
-def test_a_run_is_evaluated_in_the_layout_it_trained_in(trained_run, tmp_path):
-    _, run_dir = trained_run
-    from_scratch, spec, _ = load_model(run_dir / "last.pt", "cpu")
-    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in from_scratch.modules()) and not spec.pretrained
-    state = torch.load(run_dir / "last.pt", weights_only=True)
-    state["model_spec"]["pretrained"] = True  # as if fine-tuned from weights in a file
-    torch.save(state, tmp_path / "tuned.pt")
-    tuned, _, _ = load_model(tmp_path / "tuned.pt", "cpu")
-    assert any(isinstance(module, FrozenBatchNorm2d) for module in tuned.modules())
-    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in tuned.modules())
-
-
-def _spec_field(state):
-    state["model_spec"]["colour"] = "red"
-    return "its model spec or settings cannot be read back (ModelSpec.__init__() got an unexpected keyword"
-
-
-def _class_count(state):
-    state["model_spec"]["class_names"] = ["a", "b"]
-    return "its model spec or settings cannot be read back (2 class names but 1 category ids)"
-
-
-def _setting_type(state):
-    state["config"]["lr"] = "fast"
-    return "its lr is 'fast', not float or int"
-
-
-def _newer(state):
-    state["version"] = 99
-    return "a checkpoint of version 99; this lean reads versions 1 to 2"
-
-
-@pytest.mark.parametrize("damage", [_spec_field, _class_count, _setting_type, _newer], ids=lambda f: f.__name__[1:])
-def test_a_checkpoint_whose_spec_or_settings_cannot_be_read_back_is_one_line(trained_run, tmp_path, capsys, damage):
-    _, run_dir = trained_run
-    state = torch.load(run_dir / "last.pt", weights_only=True)
-    reason = damage(state)
-    torch.save(state, tmp_path / "damaged.pt")
-    status, _, stderr = cli(evaluate_main, ["--checkpoint", str(tmp_path / "damaged.pt"), "--device", "cpu"], capsys)
-    assert status == 2 and f"damaged.pt: {reason}" in stderr and len(stderr.strip().splitlines()) == 1, stderr
-
-
-def test_a_checkpoint_written_before_the_schema_still_evaluates_and_resumes(trained_run, tmp_path, capsys):
-    cache, run_dir = trained_run
-    old = as_version_1(torch.load(run_dir / "last.pt", weights_only=True))
-    old["args"]["weights"] = str(run_dir / "last.pt")  # version 1 told the layout by this argument
-    (tmp_path / "old").mkdir()
-    torch.save(old, tmp_path / "old" / "last.pt")
-    model, spec, config = load_model(tmp_path / "old" / "last.pt", "cpu")
-    assert spec.backbone == "mobilenet_v3_fpn" and spec.class_names == ("person",) and spec.pretrained
-    assert config.cache == cache and config.test_size == 2
-    assert all(torch.equal(value, old["model"][key]) for key, value in model.state_dict().items())
-    status, _, _ = cli(evaluate_main, ["--checkpoint", str(tmp_path / "old" / "last.pt"), "--device", "cpu"], capsys)
-    assert status == 0
-    old["args"]["weights"] = "none"  # resumed as it trained: from scratch
-    torch.save(old, tmp_path / "old" / "last.pt")
-    argv = [
-        "--cache",
-        str(cache),
-        *SMALL,
-        *"--test-size 2 --no-compile --max-iters 3 --no-eval --out".split(),
-        str(tmp_path / "old"),
-        "--resume",
-    ]
-    status, stdout, _ = cli(train_main, argv, capsys)
-    assert status == 0 and "resuming" in stdout
-    assert torch.load(tmp_path / "old" / "last.pt", weights_only=True)["iteration"] == 3
-
-
 def test_evaluate_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "x.pt")
     status, _, stderr = cli(evaluate_main, ["--checkpoint", str(tmp_path / "x.pt"), "--device", "cpu"], capsys)
     assert status == 2 and "not a lean checkpoint" in stderr and len(stderr.strip().splitlines()) == 1
 
 
-def test_predict_draws_each_image_and_reports_the_unreadable_one(trained_run, small_folder, tmp_path, capsys):
-    _, run_dir = trained_run
-    good = sorted((small_folder / "PNGImages").iterdir())[:2]
-    jpeg = tmp_path / "photo.jpg"
-    Image.open(good[0]).convert("RGB").save(jpeg)
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    argv = [
-        str(good[0]),
-        str(broken),
-        str(good[1]),
-        str(jpeg),
-        "--checkpoint",
-        str(run_dir / "last.pt"),
-        "--out",
-        str(tmp_path / "out"),
-        *"--score-thresh 0.0 --device cpu".split(),
-    ]
-    status, stdout, stderr = cli(predict_main, argv, capsys)
-    assert status == 1
-    assert (
-        stderr.strip().startswith(f"error: {broken}: not a readable image (") and len(stderr.strip().splitlines()) == 1
-    )
-    lines = [json.loads(line) for line in stdout.splitlines()]
-    assert [line["image"] for line in lines] == [str(good[0]), str(good[1]), str(jpeg)]
-    for path in (good[0], good[1], jpeg):
-        drawn = Image.open(tmp_path / "out" / f"{path.stem}.png")
-        assert drawn.size == Image.open(path).size and drawn.mode == "RGB"
-    assert all(set(d) == {"label", "category_id", "score", "box"} for line in lines for d in line["detections"])
+def test_evaluate_writes_per_class_stats_source_ids_and_coco_results(trained, three_classes, tmp_path, capsys):
+    _, valid = three_classes
+    argv = ["--checkpoint", str(trained / "last.pt"), "--device", "cpu", "--json", str(tmp_path / "s.json"),
+            "--results", str(tmp_path / "r.json")]  # fmt: skip
+    status, stdout, _ = cli(evaluate_main, argv, capsys)
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert status == 0 and report["image_ids"] == Cache(valid).source_ids.tolist()  # all of the validation cache
+    assert set(report["bbox"]["per_class"]) == {"person", "disc", "triangle"}
+    assert "class" in stdout and "disc" in stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert all(set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"} for r in results)
+
+
+def test_results_in_the_sources_ids_score_as_lean_scores_them(tmp_path):
+    categories = [{"id": 17, "name": "b"}, {"id": 4, "name": "a"}, {"id": 9, "name": "c"}]
+    images = [{"id": 500 + k, "file_name": f"i{k}.png", "width": 60, "height": 48} for k in range(4)]
+    rng = np.random.default_rng(0)
+    annotations = []  # ids from 1: pycocotools takes a match with annotation 0 for no match
+    for k, image in enumerate(images):
+        for j in range(3):
+            x, y, w, h = (
+                int(v) for v in (rng.integers(0, 30), rng.integers(0, 24), rng.integers(8, 30), rng.integers(8, 24))
+            )
+            shape = {"segmentation": [polygon(x, y, w, h)], "bbox": [x, y, w, h], "area": float(w * h)}
+            annotations.append(
+                annotation(1 + 10 * k + j, image_id=image["id"], category_id=categories[j]["id"], **shape)
+            )
+    path = write_coco(tmp_path / "d", dataset(annotations, images=images, categories=categories))
+    cache = Cache(build(CocoSource(path), tmp_path / "c.h5", workers=0, progress=False))
+    indices = [0, 2, 3]
+    predictions = []
+    for i in indices:  # the ground truth, shifted and scored at random: neither perfect nor hopeless
+        target = cache.target(i)
+        boxes = target["boxes"] + torch.from_numpy(rng.normal(0, 3, target["boxes"].shape)).float()
+        masks = torch.roll(target["masks"], 2, dims=2)[:, None].float()
+        scores = torch.from_numpy(rng.random(len(boxes))).float()
+        predictions.append({"boxes": boxes, "scores": scores, "labels": target["labels"], "masks": masks})
+    lean = coco_eval(cache, indices, predictions, verbose=False)
+    results = in_source_terms(cache, detections(indices, predictions))
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(path))
+        for kind in ("bbox", "segm"):
+            other = "segmentation" if kind == "bbox" else "bbox"
+            found = truth.loadRes([{k: v for k, v in r.items() if k != other} for r in results])
+            evaluator = COCOeval(truth, found, kind)
+            evaluator.params.imgIds = [int(cache.source_ids[i]) for i in indices]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            assert 0.1 < lean[kind]["AP"] < 0.99
+            np.testing.assert_allclose(evaluator.stats, lean[kind]["stats"], atol=1e-6)

@@ -6,15 +6,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from lean.cache import build
 from lean.evaluate import main as evaluate_main
 from lean.plot import main as plot_main
-from lean.predict import label, line_width
 from lean.predict import main as predict_main
 from lean.synthetic import SyntheticSource
 from lean.train import main as train_main
@@ -24,31 +20,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build(SyntheticSource(10, seed=4), tmp_path_factory.mktemp("tiny") / "tiny.h5", workers=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def two_runs(tiny, tmp_path_factory):
-    runs = []
-    for seed in (0, 1):
-        out = tmp_path_factory.mktemp(f"run{seed}")
-        argv = [
-            "--cache",
-            str(tiny),
-            *SMALL,
-            "--test-size",
-            "2",
-            "--epochs",
-            "2",
-            "--seed",
-            str(seed),
-            "--out",
-            str(out),
-        ]
-        assert exit_status(train_main, argv) == 0
-        runs.append(out)
-    return runs
+def two_runs(tiny, run_dir, tmp_path_factory):
+    """The suite's run (seed 0) and one more at seed 1, the same otherwise."""
+    out = tmp_path_factory.mktemp("run1")
+    argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--epochs", "2", "--seed", "1", "--out", str(out)]
+    assert exit_status(train_main, argv) == 0
+    return [run_dir, out]
 
 
 def test_every_run_draws_its_curves(two_runs):
@@ -101,20 +78,6 @@ def test_predict_takes_folders_and_patterns_in_batches_with_progress(two_runs, t
     assert status == 0 and len(stdout.splitlines()) == 12
     assert len(list((tmp_path / "out").iterdir())) == 12
     assert "predict: 12/12" in stderr and "images/s" in stderr
-
-
-def test_labels_and_lines_grow_with_the_picture():
-    sizes = []
-    for side in (150, 3000):
-        image = torch.zeros(3, side, side, dtype=torch.uint8)
-        boxes = torch.tensor([[side * 0.3, side * 0.3, side * 0.6, side * 0.6]])
-        drawn = label(image, boxes, ["person 0.99"], ["#e6194b"])
-        band = (drawn[0] == 0xE6) & (drawn[1] == 0x19) & (drawn[2] == 0x4B)  # the label's background
-        rows = np.flatnonzero(band.any(dim=1).numpy())
-        sizes.append((rows[-1] - rows[0] + 1, line_width(image)))
-    (small_band, small_line), (large_band, large_line) = sizes
-    assert small_band >= 12 and large_band >= 3 * small_band and large_band >= 0.015 * 3000  # readable at either size
-    assert small_line >= 2 and large_line >= 0.002 * 3000
 
 
 def test_a_two_process_cpu_run_logs_no_warning(tiny, tmp_path):

@@ -1,7 +1,8 @@
-"""Training: the schedule, the step, resume, failure, compile and DDP, on tiny synthetic caches and the small model."""
+"""Training: the step, the command and its arguments, classes from the cache, failure, signals, compile and DDP."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,22 +14,17 @@ import torch.multiprocessing as mp
 
 from lean.cache import Cache, build
 from lean.canvas import canvas_ladder
-from lean.checkpoint import read_weights
+from lean.checkpoint import load_model
 from lean.engine import train_step
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
 from lean.monitor import Monitor, TrainingLog
-from lean.optim import lr_factor, make_optimizer, make_scheduler
+from lean.optim import make_optimizer, make_scheduler
 from lean.speed import Speed, channels_last_is_fast
 from lean.synthetic import SyntheticSource
+from lean.train import cpu_hint, parse_args
 from lean.train import main as train_main
-from lean.train import parse_args
-from tests.conftest import SMALL, cli
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    return build(SyntheticSource(10, seed=11), tmp_path_factory.mktemp("tiny") / "tiny.h5", workers=0, progress=False)
+from tests.conftest import QUICK, SMALL, cli, one_line, run_train
 
 
 def small_model(seed=0):
@@ -36,50 +32,10 @@ def small_model(seed=0):
     return create_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=False))
 
 
-def run_train(argv, capsys):
-    return cli(train_main, argv, capsys)
-
-
-# --- schedule ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "iteration, per_epoch, expected",
-    [
-        (0, 60, 1e-3),  # warmup starts at lr / 1000
-        (30, 60, 1e-3 * (1 - 30 / 59) + 30 / 59),  # linear over min(1000, 60 - 1) iterations
-        (59, 60, 1.0),  # warmup done
-        (60, 60, 1.0),  # epoch 1
-        (179, 60, 1.0),  # epoch 2, last iteration
-        (180, 60, 0.1),  # epoch 3: first step down
-        (360, 60, 0.01),  # epoch 6
-        (500, 2000, 1e-3 * 0.5 + 0.5),  # warmup capped at 1000 iterations
-        (1000, 2000, 1.0),
-    ],
-)
-def test_schedule_is_the_tutorials(iteration, per_epoch, expected):
-    assert lr_factor(iteration, per_epoch) == pytest.approx(expected)
-
-
-def test_scheduler_follows_the_factor_per_iteration():
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([parameter], lr=0.005)
-    scheduler = make_scheduler(optimizer, 10)
-    for iteration in range(40):
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005 * lr_factor(iteration, 10))
-        optimizer.step()
-        scheduler.step()
-
-
-# --- the step ------------------------------------------------------------------------------------
-
-
-def test_a_few_steps_lower_the_loss(tiny_cache):
+def test_a_few_steps_lower_the_loss(tiny):
     model = small_model()
     model.train()
-    images, targets = next(
-        iter(Loader(Cache(tiny_cache), 2, shuffle=False, device="cpu", train=False, dtype=torch.uint8))
-    )
+    images, targets = next(iter(Loader(Cache(tiny), 2, shuffle=False, device="cpu", train=False, dtype=torch.uint8)))
     optimizer = make_optimizer(model, 0.005)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -90,22 +46,8 @@ def test_a_few_steps_lower_the_loss(tiny_cache):
 # --- the command: resume, failure, signals -------------------------------------------------------
 
 
-def test_resume_after_an_epoch_ends_with_the_same_weights(tiny_cache, tmp_path, capsys):
-    common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--amp", "off"]
-    status, _, _ = run_train([*common, "--epochs", "2", "--out", str(tmp_path / "straight")], capsys)
-    assert status == 0
-    assert run_train([*common, "--epochs", "1", "--out", str(tmp_path / "split")], capsys)[0] == 0
-    status, stdout, _ = run_train([*common, "--epochs", "2", "--out", str(tmp_path / "split"), "--resume"], capsys)
-    assert status == 0 and "resuming" in stdout
-    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert straight["iteration"] == split["iteration"] == 8 and split["epoch"] == 2
-    for key, value in straight["model"].items():
-        assert torch.equal(value, split["model"][key]), key
-
-
-def test_eval_every_k_epochs_and_after_the_last_with_adamw(tiny_cache, tmp_path, capsys):
-    argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--amp", "off", "--epochs", "3",
+def test_eval_every_k_epochs_and_after_the_last_with_adamw(tiny, tmp_path, capsys):
+    argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--no-compile", "--amp", "off", "--epochs", "3",
             "--eval-every", "2", "--optimizer", "adamw", "--lr", "1e-4", "--out", str(tmp_path)]  # fmt: skip
     assert run_train(argv, capsys)[0] == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -133,8 +75,8 @@ def test_eta_after_resume_counts_only_the_iterations_of_this_run(monkeypatch, ca
     assert "eta: 0:00:10" in capsys.readouterr().out.splitlines()[-1]
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, capsys, monkeypatch):
-    common = ["--cache", str(tiny_cache), *SMALL, *"--test-size 2 --no-compile --no-eval --out".split(), str(tmp_path)]
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    common = ["--cache", str(tiny), *SMALL, *"--test-size 2 --no-compile --no-eval --out".split(), str(tmp_path)]
     assert run_train([*common, "--epochs", "1"], capsys)[0] == 0
     good = (tmp_path / "last.pt").read_bytes()
 
@@ -158,11 +100,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cache,
     assert (tmp_path / "last.pt").read_bytes() == good
 
 
-def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny_cache, tmp_path):
+def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny, tmp_path):
     command = [
         sys.executable,
         *"-m lean.train --cache".split(),
-        str(tiny_cache),
+        str(tiny),
         *SMALL,
         *"--test-size 2 --no-compile --no-eval --epochs 3 --log-every 1 --out".split(),
         str(tmp_path),
@@ -202,14 +144,14 @@ def test_bad_arguments_are_one_line(capsys, argv, reason):
     assert status == 2 and reason in stderr and len(stderr.strip().splitlines()) == 1
 
 
-def test_a_test_split_that_leaves_nothing_to_train_on_is_one_line(tiny_cache, capsys):
-    status, _, stderr = run_train(["--cache", str(tiny_cache), "--test-size", "10", "--no-compile"], capsys)
+def test_a_test_split_that_leaves_nothing_to_train_on_is_one_line(tiny, capsys):
+    status, _, stderr = run_train(["--cache", str(tiny), "--test-size", "10", "--no-compile"], capsys)
     assert (
         status == 2 and "--test-size: test size 10 leaves no image" in stderr and len(stderr.strip().splitlines()) == 1
     )
 
 
-def test_bad_weights_files_are_one_line(tmp_path, tiny_cache, capsys):
+def test_bad_weights_files_are_one_line(tmp_path, tiny, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
     for weights, reason in (
@@ -218,38 +160,25 @@ def test_bad_weights_files_are_one_line(tmp_path, tiny_cache, capsys):
         (tmp_path / "missing.pt", "no such file"),
     ):
         status, _, stderr = run_train(
-            ["--cache", str(tiny_cache), "--no-compile", "--weights", str(weights), "--out", str(tmp_path / "r")],
+            ["--cache", str(tiny), "--no-compile", "--weights", str(weights), "--out", str(tmp_path / "r")],
             capsys,
         )
         assert status == 2 and reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
-def test_offline_coco_weights_name_the_alternatives(monkeypatch, tiny_cache, tmp_path, capsys):
+def test_offline_coco_weights_name_the_alternatives(monkeypatch, tiny, tmp_path, capsys):
     def offline(*args, **kwargs):
         import urllib.error
 
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
-    status, _, message = run_train(["--cache", str(tiny_cache), "--device", "cpu", "--out", str(tmp_path)], capsys)
+    status, _, message = run_train(["--cache", str(tiny), "--device", "cpu", "--out", str(tmp_path)], capsys)
     assert status == 2 and len(message.strip().splitlines()) == 1
     assert "cannot download the COCO weights" in message and "--weights none" in message and "--weights FILE" in message
 
 
-def test_a_lean_checkpoint_loads_as_weights(tiny_cache, tmp_path, capsys):
-    common = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-compile", "--no-eval", "--max-iters", "1"]
-    assert run_train([*common, "--out", str(tmp_path)], capsys)[0] == 0
-    saved, pretrained = read_weights(tmp_path / "last.pt")
-    model = create_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=pretrained), saved)
-    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
-    # The run trained from scratch: its model comes back as it trained, BatchNorm live.
-    assert not pretrained and any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
-
-
-# --- compile -------------------------------------------------------------------------------------
-
-
-def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_bucket(tiny_cache):
+def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_bucket(tiny):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -259,7 +188,7 @@ def test_compiled_backbone_does_not_recompile_for_a_second_batch_of_the_same_buc
     # Whether a call recompiles is decided by dynamo's guards, before any backend runs; aot_eager checks
     # the same guards in seconds where inductor's code generation takes minutes on two cores.
     model.backbone.compile(dynamic=False, backend="aot_eager")
-    loader = Loader(Cache(tiny_cache), 1, shuffle=False, device="cpu", train=False, dtype=torch.uint8)
+    loader = Loader(Cache(tiny), 1, shuffle=False, device="cpu", train=False, dtype=torch.uint8)
     batches = list(loader)
     shapes = [model.transform(images, targets)[0].tensors.shape for images, targets in batches]
     first, second = next(
@@ -284,19 +213,19 @@ def test_compile_is_opt_in_on_every_device_and_cuda_pads_to_canvases_by_default(
     assert parse_args(["--device", "cpu", "--no-compile"]).compile == "off"
 
 
-def test_channels_last_is_on_by_default_where_bf16_is(tiny_cache, tmp_path, capsys, monkeypatch):
+def test_channels_last_is_on_by_default_where_bf16_is(tiny, tmp_path, capsys, monkeypatch):
     assert channels_last_is_fast(torch.device("cuda"))
     for fast in (False, True):
         monkeypatch.setattr("lean.speed.bf16_is_fast", lambda device, fast=fast: fast)
         assert channels_last_is_fast(torch.device("cpu")) is fast
-        argv = ["--cache", str(tiny_cache), *SMALL, "--test-size", "2", "--no-eval", "--max-iters", "1", "--amp", "off"]
+        argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--no-eval", "--max-iters", "1", "--amp", "off"]
         status, stdout, _ = run_train([*argv, "--out", str(tmp_path / str(fast))], capsys)
         assert status == 0 and f"channels-last {fast}," in stdout
     status, stdout, _ = run_train([*argv, "--no-channels-last", "--out", str(tmp_path / "off")], capsys)
     assert status == 0 and "channels-last False," in stdout
 
 
-def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path, capsys, monkeypatch):
+def test_evaluation_during_a_compiled_run_compiles_nothing(tiny, tmp_path, capsys, monkeypatch):
     from torch._dynamo.utils import counters
 
     import lean.evaluate
@@ -319,7 +248,7 @@ def test_evaluation_during_a_compiled_run_compiles_nothing(tiny_cache, tmp_path,
     torch._dynamo.reset()
     argv = [
         "--cache",
-        str(tiny_cache),
+        str(tiny),
         *SMALL,
         *"--test-size 4 --amp off --compile --epochs 1 --out".split(),
         str(tmp_path),
@@ -361,11 +290,11 @@ def _ddp_worker(rank, world_size, cache_path, port, results):
         dist.destroy_process_group()
 
 
-def test_two_ddp_processes_keep_identical_weights_on_disjoint_shards(tiny_cache):
+def test_two_ddp_processes_keep_identical_weights_on_disjoint_shards(tiny):
     port = 29500 + os.getpid() % 1000
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, str(tiny_cache), port, results), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, str(tiny), port, results), nprocs=2, join=True)
         (same0, seen0, _), (same1, seen1, _) = results[0], results[1]
     assert same0 and same1
     assert not set(seen0) & set(seen1) and sorted(seen0 + seen1) == list(range(10))
@@ -387,3 +316,71 @@ def test_torchrun_trains_with_two_processes_on_three_classes_and_only_rank_0_wri
     assert "x 2 process(es)" in result.stdout
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert state["iteration"] == 2 and state["model_spec"]["class_names"] == ["person", "disc", "triangle"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--clip-grad=-1"], ["--clip-grad", "positive"]),
+        (["--clip-grad", "0"], ["--clip-grad", "positive"]),
+        (["--max-iters", "0"], ["--max-iters", "at least 1"]),
+        (["--max-iters=-5"], ["--max-iters", "at least 1"]),
+        (["--seed=-1"], ["--seed", "negative"]),
+        (["--test-size", "0"], ["--test-size", "at least 1"]),
+        (["--min-size", "900", "--max-size", "800"], ["--min-size", "--max-size"]),
+    ],
+)
+def test_every_numeric_training_argument_is_checked_in_one_line(argv, words, capsys):
+    status, _, stderr = cli(train_main, argv, capsys)
+    assert one_line(status, stderr, *words), stderr
+
+
+def test_a_bad_cache_leaves_no_output_folder(tmp_path, capsys):
+    status, _, _ = cli(
+        train_main, ["--cache", str(tmp_path / "missing.h5"), *QUICK, "--out", str(tmp_path / "r")], capsys
+    )
+    assert status == 2 and not (tmp_path / "r").exists()
+
+
+def test_sigterm_during_the_last_evaluation_says_it_stopped(tiny, tmp_path, capsys, monkeypatch):
+    import lean.train
+
+    real = lean.train.evaluate
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("lean.train.evaluate", interrupted)
+    argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--epochs", "1", "--out", str(tmp_path / "r")]
+    status, stdout, _ = cli(train_main, argv, capsys)
+    assert status == 143 and "stopped by signal" in stdout
+
+
+def test_on_a_cpu_the_tutorials_sizes_come_with_a_line_of_what_to_expect():
+    cpu = torch.device("cpu")
+    assert "mobilenet_v3_fpn" in cpu_hint(parse_args(["--device", "cpu"]), cpu)
+    assert cpu_hint(parse_args(["--device", "cpu", "--backbone", "mobilenet_v3_fpn"]), cpu) is None
+    assert cpu_hint(parse_args(["--device", "cpu", "--max-size", "512", "--min-size", "320"]), cpu) is None
+
+
+def test_the_model_is_sized_from_the_cache_and_the_checkpoint_names_its_classes(trained):
+    model, spec, config = load_model(trained / "last.pt", "cpu")
+    assert spec.class_names == ("person", "disc", "triangle") and spec.category_ids == (1, 2, 3)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4  # three classes and background
+    assert config.val_cache is not None
+
+
+def test_a_run_with_a_validation_cache_evaluates_all_of_it_per_class(trained, three_classes):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    per_class = [record["per_class"] for record in records if "per_class" in record]
+    assert len(per_class) == 1 and set(per_class[0]["segm"]) == {"person", "disc", "triangle"}
+
+
+def test_a_validation_cache_of_other_classes_is_one_line(three_classes, tmp_path, capsys):
+    train, _ = three_classes
+    other = build(SyntheticSource(4, seed=2, classes=2), tmp_path / "other.h5", workers=0, progress=False)
+    argv = ["--cache", str(train), "--val-cache", str(other), *SMALL, "--max-iters", "1", "--out", str(tmp_path / "r")]
+    status, _, stderr = cli(train_main, argv, capsys)
+    assert status == 2 and "--val-cache" in stderr and "are not the training cache's" in stderr
+    assert len(stderr.strip().splitlines()) == 1
