@@ -33,6 +33,9 @@ HOST_WAITS = (
 )  # cudaMemcpy: blocking
 
 
+OFFLINE = "pass --root DIR with a PennFudan folder, or --cache with a built cache"
+
+
 def parse_args(argv):
     parser = Parser(prog="python -m bench.profile_step", description=__doc__)
     parser.add_argument("--root", type=Path, help="PennFudan folder (default: as lean.cache build finds it)")
@@ -133,7 +136,8 @@ def main(argv=None):
     configure_process()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="lean-profile-") as scratch:
-        cache = Cache(args.cache) if args.cache else scratch_cache(default_root(args.root), Path(scratch))
+        root = None if args.cache else default_root(args.root, advice=OFFLINE)
+        cache = Cache(args.cache) if args.cache else scratch_cache(root, Path(scratch))
         for batch_size in args.batch_size:
             profile_batch_size(cache, device, args, batch_size)
             if device.type == "cuda":

@@ -68,7 +68,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    root = default_root(args.root)
+    root = default_root(args.root, advice="pass --root DIR with a PennFudan folder")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     train_loader, test_loader, test_indices = loaders(root, 50, args.seed)

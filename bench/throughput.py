@@ -25,6 +25,8 @@ from lean.cli import Parser, add_device_argument, check_device, run
 from lean.pennfudan import default_root
 from lean.speed import configure_process
 
+OFFLINE = "pass --root DIR with a PennFudan folder, or run --sections coco alone (it generates its photos)"
+
 
 def parse_args(argv):
     parser = Parser(prog="python -m bench.throughput", description=__doc__)
@@ -54,7 +56,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     configure_process()  # lean's process-wide settings, made before either side runs: the ratios leave them out
-    root = default_root(args.root)
+    root = None if args.sections == ["coco"] else default_root(args.root, advice=OFFLINE)
     python = f"{platform.python_implementation()} {platform.python_version()}"
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {python}, torch {torch.__version__}"
     if torch.cuda.is_available():

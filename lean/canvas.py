@@ -1,6 +1,6 @@
-"""The few fixed shapes a batch is padded to, so that shape-keyed work (cuDNN's choice of kernels, a compiled
-graph) is done once per shape rather than once per batch: a ladder of side lengths from the resize's short
-side to its long side, and the padding onto a canvas from it.
+"""The size the model resizes an image to, and the few fixed shapes a batch is padded to, so that shape-keyed
+work (cuDNN's choice of kernels, a compiled graph) is done once per shape rather than once per batch: a ladder
+of side lengths from the resize's short side to its long side, and the padding onto a canvas from it.
 """
 
 import math
@@ -38,3 +38,19 @@ def pad_to_canvas(images, ladder):
 
 def _round_up(length, step):
     return int(math.ceil(length / step) * step)
+
+
+def resized(height, width, min_size, max_size):
+    """(height, width) an image of that size has after the model's resize, as torchvision works it out: the
+    short side to min_size unless that takes the long side past max_size, each side rounded down."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+def too_thin(height, width, min_size, max_size):
+    """One line saying why the model cannot take an image of this size (a side resized to nothing), or None."""
+    new_height, new_width = resized(height, width, min_size, max_size)
+    if min(new_height, new_width) >= 1:
+        return None
+    return (f"{width} x {height} px is too thin for sizes {min_size}/{max_size}: it would be resized to "
+            f"{new_width} x {new_height}")  # fmt: skip

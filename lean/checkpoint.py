@@ -7,6 +7,8 @@ A checkpoint is one torch.save'd dict:
     rng                                   the torch (and CUDA) generator states
     epoch, batch, iteration               where the run resumes (Position)
     best_segm_ap                          the best evaluation so far, -1 before any
+    cache_fingerprint, world_size         what the run trains on and in how many processes: a resume
+                                          must match both (absent from checkpoints before 2026-11-29)
     model_spec                            how to build the model again (lean.model.ModelSpec)
     config                                the run's settings (lean.config.TrainConfig)
 
@@ -92,14 +94,25 @@ class Checkpointer:
     a copy of the one with the best segm AP. Disabled (every process under torchrun but the main one), it
     writes nothing but resumes all the same."""
 
-    def __init__(self, folder, run, spec, config, enabled=True):
+    def __init__(self, folder, run, spec, config, fingerprint, world_size=1, enabled=True):
         self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
         self.run, self.spec, self.config, self.enabled = run, spec, config, enabled
+        self.fingerprint, self.world_size = fingerprint, world_size
         self.best_segm_ap = -1.0
 
     def resume(self):
-        """Load last.pt into the run and the RNG; returns where the run resumes."""
+        """Load last.pt into the run and the RNG; returns where the run resumes. A run is continued only as it
+        ran: on the cache it trained on, in as many processes (the batches of each depend on both)."""
         state = load(self.last)
+        trained_on = state.get("cache_fingerprint", self.fingerprint)
+        if trained_on != self.fingerprint:
+            raise LeanError(f"--resume: {self.config.cache} is not the cache {self.last} trained on (fingerprint "
+                            f"{self.fingerprint[:12]}, the run's {trained_on[:12]}: rebuilt since?); train afresh "
+                            "with another --out")  # fmt: skip
+        processes = state.get("world_size", self.world_size)
+        if processes != self.world_size:
+            raise LeanError(f"--resume: {self.last} was trained by {processes} process(es), not {self.world_size}; "
+                            f"resume it as it ran (torchrun --nproc_per_node={processes})")  # fmt: skip
         self.run.model.load_state_dict(state["model"])
         self.run.optimizer.load_state_dict(state["optimizer"])
         self.run.scheduler.load_state_dict(state["scheduler"])
@@ -125,6 +138,8 @@ class Checkpointer:
             "rng": _rng_state(),
             **dataclasses.asdict(position),
             "best_segm_ap": self.best_segm_ap,
+            "cache_fingerprint": self.fingerprint,
+            "world_size": self.world_size,
             "model_spec": {
                 **dataclasses.asdict(self.spec),
                 "class_names": list(self.spec.class_names),

@@ -94,6 +94,9 @@ class CocoSource:
                 raise LeanError(f"{image['path']}: is {found[1]}x{found[0]} but {place}")
         return sizes
 
+    def files(self):
+        return [self.path, *(image["path"] for image in self.images)]
+
     def encoded_sizes(self):
         return np.array([image["path"].stat().st_size for image in self.images], dtype=np.int64)
 
@@ -128,7 +131,7 @@ class CocoSource:
 
 def _read_json(path):
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows tools write, is read past
     except FileNotFoundError:
         raise LeanError(f"{path}: no such annotation file") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -137,6 +140,8 @@ def _read_json(path):
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise LeanError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except RecursionError:
+        raise LeanError(f"{path}: not a COCO annotation file (its JSON is nested too deep to read)") from None
     if not isinstance(data, dict):
         raise LeanError(f"{path}: not a COCO annotation file (a JSON {type(data).__name__}, not an object)")
     return data
@@ -191,7 +196,12 @@ def _categories(data, path):
         raise LeanError(f"{path}: categories: id {Counter(ids).most_common(1)[0][0]} is given twice")
     if not categories:
         raise LeanError(f"{path}: categories: none")
-    return sorted(categories, key=lambda c: c["id"])
+    categories = sorted(categories, key=lambda c: c["id"])
+    names = Counter(c["name"] for c in categories)
+    for category in categories:  # a name two categories share is told apart by id, in every table and file
+        if names[category["name"]] > 1:
+            category["name"] = f"{category['name']} (id {category['id']})"
+    return categories
 
 
 def _placeholder(categories, used):
@@ -211,13 +221,18 @@ def _images(data, path, folder):
         if not isinstance(record, dict):
             raise LeanError(f"{path}: {place} is not an object")
         image_id = _int(record, "id", path, place)
+        if not -(2**63) <= image_id < 2**63:  # the cache keeps ids as int64
+            raise LeanError(f"{path}: {place}.id: {image_id} is past the 64-bit range lean keeps ids in")
         if image_id in seen:
             raise LeanError(f"{path}: {place}.id: {image_id} is given twice")
         seen.add(image_id)
         name = _field(record, "file_name", path, place)
         if not isinstance(name, str) or not name:
             raise LeanError(f"{path}: {place}.file_name: {name!r} is not a file name")
-        file = (folder / name).resolve()
+        try:
+            file = (folder / name).resolve()
+        except (OSError, RuntimeError):  # a loop of symbolic links
+            raise LeanError(f"{folder / name}: cannot be followed to a file (a loop of links?)") from None
         if not file.is_relative_to(root):  # no path from a data file leaves its folder
             raise LeanError(f"{path}: {place}.file_name: {name!r} is outside {folder}")
         if not file.is_file():
@@ -253,9 +268,12 @@ def _instance(annotation, image, path, place, skipped):
         skipped[SKIP_NO_BOX] += 1
         return None
     area = _number(annotation["area"], path, f"{place}.area") if "area" in annotation else mask_area
+    if area < 0:  # pycocotools would leave the object out of every area range
+        raise LeanError(f"{path}: {place}.area: {area!r} is negative")
     crowd = annotation.get("iscrowd", 0)
+    crowd = crowd if isinstance(crowd, bool) else _number(crowd, path, f"{place}.iscrowd")  # "1" as 1, like the rest
     if crowd not in (0, 1):  # True and False are 1 and 0
-        raise LeanError(f"{path}: {place}.iscrowd: {crowd!r} is neither 0 nor 1")
+        raise LeanError(f"{path}: {place}.iscrowd: {annotation.get('iscrowd')!r} is neither 0 nor 1")
     return {"rle": rle, "box": [x0, y0, x1, y1], "area": float(area), "iscrowd": int(crowd)}
 
 

@@ -14,17 +14,19 @@ from lean.errors import LeanError
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 PENNFUDAN_MD5 = "5aaa3dee905cef73325923716e38fc6d"
 CHUNK = 1 << 20
+BUILD_ADVICE = "pass --root DIR with a PennFudan folder, or use --source synthetic"  # lean.cache build's options
 
 
-def fetch_pennfudan(dest, url=None, md5=None, timeout=30):
-    """Download and unpack PennFudanPed into `dest`; returns dest/PennFudanPed."""
+def fetch_pennfudan(dest, url=None, md5=None, timeout=30, advice=BUILD_ADVICE):
+    """Download and unpack PennFudanPed into `dest`; returns dest/PennFudanPed. `advice`: what the command
+    that asked offers instead, said when the download fails."""
     url, md5 = url or PENNFUDAN_URL, md5 or PENNFUDAN_MD5
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} to {dest}/", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as scratch:
         archive = Path(scratch) / "PennFudanPed.zip"
-        download(url, archive, md5, timeout)
+        download(url, archive, md5, timeout, advice)
         unpacked = Path(scratch) / "unpacked"
         safe_extract(archive, unpacked)
         found = unpacked / "PennFudanPed"
@@ -35,7 +37,7 @@ def fetch_pennfudan(dest, url=None, md5=None, timeout=30):
     return target
 
 
-def download(url, path, md5, timeout=30):
+def download(url, path, md5, timeout=30, advice=BUILD_ADVICE):
     """Stream `url` to `path`, failing with one line if unreachable or if the MD5 differs."""
     digest = hashlib.md5()
     try:
@@ -45,9 +47,7 @@ def download(url, path, md5, timeout=30):
                 out.write(chunk)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", None) or error
-        raise LeanError(
-            f"cannot download {url} ({reason}); pass --root DIR with a PennFudan folder, or use --source synthetic"
-        ) from None
+        raise LeanError(f"cannot download {url} ({reason}); {advice}") from None
     if digest.hexdigest() != md5:
         raise LeanError(
             f"{url}: checksum mismatch (MD5 {digest.hexdigest()}, expected {md5}); the download was discarded"

@@ -27,7 +27,7 @@ from lean import checkpoint
 from lean.cache import Cache
 from lean.cli import Parser, add_device_argument, check_device, run
 from lean.errors import LeanError
-from lean.files import write_atomically
+from lean.files import check_output, json_or_none, same_file, write_atomically
 from lean.loader import Loader
 from lean.progress import Progress
 from lean.sampling import split_indices
@@ -204,8 +204,14 @@ def evaluate(model, cache, indices, device, amp_dtype=None, verbose=True):
 
 
 def split_of(cache, name, seed, test_size):
-    train, test = split_indices(len(cache), seed, test_size)
-    return {"train": train, "test": test, "all": np.arange(len(cache))}[name]
+    """The cache indices of the split `name`: all of them, or the run's train or test part."""
+    if name == "all":
+        return np.arange(len(cache))
+    try:
+        train, test = split_indices(len(cache), seed, test_size)
+    except ValueError as error:
+        raise LeanError(f"--split {name}: {error}; --split all evaluates every image") from None
+    return {"train": train, "test": test}[name]
 
 
 def parse_args(argv):
@@ -232,6 +238,10 @@ def main(argv=None):
     device = torch.device(args.device)
     model, spec, config = checkpoint.load_model(args.checkpoint, device)
     path = args.cache or config.val_cache or config.cache
+    if args.json and args.results and same_file(args.json, args.results):
+        raise LeanError(f"--json and --results: both name {args.json}; name two files")
+    check_output(args.json, "--json", (args.checkpoint, path), lambda p: isinstance(json_or_none(p), dict))
+    check_output(args.results, "--results", (args.checkpoint, path), lambda p: isinstance(json_or_none(p), list))
     cache = Cache(path)
     if cache.classes != spec.class_names:
         raise LeanError(f"{path}: its classes {list(cache.classes)} are not the checkpoint's {list(spec.class_names)}")

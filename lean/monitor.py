@@ -6,6 +6,7 @@ every step is checked at once. A non-finite loss raises NonFiniteLoss naming the
 loss, as detectron2's trainer does.
 """
 
+import contextlib
 import json
 import statistics
 import time
@@ -16,6 +17,7 @@ from datetime import timedelta
 import torch
 
 from lean import distributed
+from lean.errors import LeanError, reason
 from lean.internals import compile_seconds, graphs_compiled
 
 
@@ -140,11 +142,32 @@ class Monitor:
 
 class TrainingLog:
     """Writes a run's figures: a console line per window, and every figure to metrics.jsonl (when given a
-    path). Disabled, it writes nothing: under torchrun only the main process writes."""
+    path), added to a resumed run's, begun afresh for a new one. Disabled, it writes nothing: under torchrun
+    only the main process writes."""
 
-    def __init__(self, metrics_path=None, enabled=True):
-        self.enabled = enabled
-        self.metrics = metrics_path.open("a") if metrics_path and enabled else None
+    def __init__(self, metrics_path=None, enabled=True, resumed=False):
+        self.enabled, self.path, self.metrics = enabled, metrics_path, None
+        if metrics_path and enabled:
+            self.metrics = self._guarded(lambda: metrics_path.open("a" if resumed else "w"))
+            if resumed and self.metrics.tell() > 0 and not metrics_path.read_bytes().endswith(b"\n"):
+                self._write("\n")  # a killed run's half line stays half a line: the next record starts afresh
+
+    def _guarded(self, action):
+        """`action()`, a full disk or any other failure to write the log one line: the run stops there, its last
+        checkpoint kept."""
+        try:
+            return action()
+        except OSError as error:
+            self.metrics = None  # nothing more is written, nor flushed at close
+            raise LeanError(f"{self.path}: cannot write ({error.strerror or reason(error)}); the run stops here, "
+                            "its last checkpoint kept: continue it with --resume") from None  # fmt: skip
+
+    def _write(self, text):
+        def write():
+            self.metrics.write(text)
+            self.metrics.flush()
+
+        self._guarded(write)
 
     def __enter__(self):
         return self
@@ -154,8 +177,9 @@ class TrainingLog:
 
     def close(self):
         if self.metrics:
-            self.metrics.close()
-            self.metrics = None
+            metrics, self.metrics = self.metrics, None
+            with contextlib.suppress(OSError):  # whatever failed was said when it failed
+                metrics.close()
 
     def print(self, message):
         if self.enabled and message:
@@ -187,5 +211,4 @@ class TrainingLog:
 
     def record(self, entry):
         if self.metrics:
-            self.metrics.write(json.dumps(entry) + "\n")
-            self.metrics.flush()
+            self._write(json.dumps(entry) + "\n")

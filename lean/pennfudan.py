@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lean.download import fetch_pennfudan
+from lean.download import BUILD_ADVICE, fetch_pennfudan
 from lean.errors import LeanError, reason
 from lean.example import from_instance_map
 from lean.images import read_header, read_rgb
@@ -124,6 +124,9 @@ class PennFudanSource:
                 )
         return sizes
 
+    def files(self):
+        return [path for _, image, mask in self.pairs for path in (image, mask)]
+
     def encoded_sizes(self):
         """Bytes of every image file, as the cache stores them with --pixels encoded."""
         return np.array([image_path.stat().st_size for _, image_path, _ in self.pairs], dtype=np.int64)
@@ -148,8 +151,9 @@ def _hw(shape):
     return f"{shape[1]}x{shape[0]}"
 
 
-def default_root(root=None, download_to="data"):
-    """The PennFudan folder to use: `root`, else $LEAN_PENNFUDAN, else data/PennFudanPed, else a download."""
+def default_root(root=None, download_to="data", advice=BUILD_ADVICE):
+    """The PennFudan folder to use: `root`, else $LEAN_PENNFUDAN, else data/PennFudanPed, else a download;
+    `advice` says what the calling command offers instead, should the download fail."""
     if root is not None:
         return Path(root)
     if os.environ.get("LEAN_PENNFUDAN"):
@@ -157,4 +161,4 @@ def default_root(root=None, download_to="data"):
     local = Path(download_to) / "PennFudanPed"
     if local.is_dir():
         return local
-    return fetch_pennfudan(Path(download_to))
+    return fetch_pennfudan(Path(download_to), advice=advice)

@@ -24,19 +24,22 @@ class PlotUnavailable(LeanError):
 
 
 def read_metrics(run_folder):
-    """(losses {name: [(iteration, window median)]}, [(iteration, lr)], {"bbox"/"segm": [(epoch, AP)]}) of a run."""
+    """(losses {name: [(iteration, window median)]}, [(iteration, lr)], {"bbox"/"segm": [(epoch, AP)]}, lines
+    skipped) of a run. A line that is not one of lean's records (half a line from a killed run, anything
+    else) is skipped and counted: curves are a view of the run and never stop it."""
     path = Path(run_folder) / "metrics.jsonl"
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError as error:
         raise LeanError(f"{path}: cannot read ({error.strerror or error})") from None
     losses, rates, precision = defaultdict(list), [], defaultdict(list)
     windows = defaultdict(lambda: deque(maxlen=WINDOW))
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise LeanError(f"{path}: line {number} is not JSON") from None
+    skipped = 0
+    for line in lines:
+        record = _record(line)
+        if record is None:
+            skipped += 1
+            continue
         if "loss" in record:
             for name, value in record.items():
                 if name.startswith("loss"):
@@ -45,13 +48,41 @@ def read_metrics(run_folder):
         elif "lr" in record:
             rates.append((record["iteration"], record["lr"]))
         for kind in ("bbox", "segm"):
-            if isinstance(record.get(kind), list):
+            if kind in record:
                 precision[kind].append((record["epoch"], record[kind][0]))
-    return losses, rates, precision
+    return losses, rates, precision, skipped
+
+
+def _record(line):
+    """The record a metrics line holds, where it is one that lean.train writes and the curves read; else None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    numbers = [value for name, value in record.items() if name.startswith("loss") or name == "lr"]
+    if numbers and not (_is_int(record.get("iteration")) and all(_is_number(value) for value in numbers)):
+        return None
+    for kind in ("bbox", "segm"):
+        if kind in record:
+            values = record[kind]
+            if not (_is_int(record.get("epoch")) and isinstance(values, list) and values and _is_number(values[0])):
+                return None
+    return record
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def draw_curves(run_folders, out):
-    """Draw the curves of `run_folders` into the PNG `out` (written atomically); returns `out`."""
+    """Draw the curves of `run_folders` into the PNG `out` (written atomically); returns (`out`, how many lines
+    of their metrics were not records and were skipped)."""
     try:
         import matplotlib
 
@@ -62,8 +93,10 @@ def draw_curves(run_folders, out):
     figure, (loss_axes, lr_axes, ap_axes) = pyplot.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     several = len(run_folders) > 1  # then a colour a run and a line style a loss; else a colour a loss
     styles = ("-", "--", ":", "-.", (0, (1, 4)), (0, (5, 2, 1, 2)))
+    skipped = 0
     for k, folder in enumerate(run_folders):
-        losses, rates, precision = read_metrics(folder)
+        losses, rates, precision, unread = read_metrics(folder)
+        skipped += unread
         run_name = f"{Path(folder).name} " if several else ""
         for j, (name, points) in enumerate(losses.items()):
             colour, style = (f"C{k}", styles[j % len(styles)]) if several else (f"C{j}", "-")
@@ -84,7 +117,7 @@ def draw_curves(run_folders, out):
             axes.legend(fontsize="small")
     write_atomically(out, lambda temporary: figure.savefig(temporary, format="png", dpi=90))
     pyplot.close(figure)
-    return out
+    return out, skipped
 
 
 class Curves:
@@ -95,10 +128,10 @@ class Curves:
         self.folder, self.said = Path(folder), False
 
     def update(self):
-        """Redraw; returns the line to print, if any."""
+        """Redraw; returns the line to print, if any. Nothing here stops a run: curves are a view of it."""
         try:
             draw_curves([self.folder], self.folder / "curves.png")
-        except PlotUnavailable as error:
+        except LeanError as error:  # matplotlib missing, a metrics file or a picture that cannot be read or written
             if not self.said:
                 self.said = True
                 return f"no curves.png: {error}; training goes on"
@@ -121,7 +154,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     out = args.out or (args.runs[0] / "curves.png" if len(args.runs) == 1 else Path("curves.png"))
-    print(f"wrote {draw_curves(args.runs, out)}")
+    path, skipped = draw_curves(args.runs, out)
+    unread = f"; skipped {skipped} lines of metrics that are not lean.train's records" if skipped else ""
+    print(f"wrote {path}{unread}")
     return 0
 
 

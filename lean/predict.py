@@ -3,7 +3,8 @@ it as JSON.
 
 Each argument is an image, a folder (its images) or a glob pattern ("photos/**/*.jpg"). For each image,
 DIR/NAME.png shows the detections above --score-thresh (translucent masks, boxes, class names and
-scores over the image) and one JSON line on stdout lists them. An unreadable image is one line on
+scores over the image) and one JSON line on stdout lists them and names the picture: NAME-1.png where
+NAME.png is an input or a file lean.predict did not draw, which it never draws over. An unreadable image is one line on
 stderr; the others are still processed, and the exit status says that one failed. More than a
 handful of images get a progress line on stderr.
 """
@@ -18,17 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from lean.canvas import too_thin
 from lean.checkpoint import load_model
 from lean.cli import Parser, add_device_argument, check_device, run
 from lean.errors import LeanError, reason
-from lean.files import write_atomically
+from lean.files import distinct, write_atomically
 from lean.images import SUFFIXES, decode_rgb, read_header
 from lean.progress import Progress
 from lean.speed import configure_process
 
 HANDFUL = 8  # more images than this get a progress line
+MARK = "lean.predict"
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
 
@@ -56,17 +60,25 @@ def fit(image, spec):
     return resized[0].round().clamp(0, 255).to(torch.uint8), scale
 
 
-def output_names(paths):
-    """A PNG name for each input, distinct where two inputs share a file name (a/x.png, b/x.png: x.png, x-1.png)."""
-    names, used = [], set()
-    for path in paths:
-        name, k = f"{path.stem}.png", 0
-        while name in used:
-            k += 1
-            name = f"{path.stem}-{k}.png"
-        used.add(name)
-        names.append(name)
-    return names
+def output_names(paths, out):
+    """A PNG name in `out` for each input: NAME.png, or NAME-1.png... where two inputs share a name (a/x.png,
+    b/x.png) or where NAME.png is an input or a file lean.predict did not draw: it never draws over them."""
+    inputs = {path.resolve() for path in paths}
+
+    def taken(name):
+        target = out / name
+        return target.resolve() in inputs or (target.exists() and not drawn_here(target))
+
+    return distinct([f"{path.stem}.png" for path in paths], taken)
+
+
+def drawn_here(path):
+    """Whether the file at `path` is a picture lean.predict drew (they carry its mark)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == MARK
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def keep_confident(prediction, score_thresh):
@@ -120,7 +132,11 @@ def label(image, boxes, names, colours):
 
 
 def save_png(image, path):
-    write_atomically(path, lambda temporary: Image.fromarray(image.permute(1, 2, 0).numpy()).save(temporary, "PNG"))
+    """Write the picture as a PNG marked as lean.predict's (drawn_here), atomically."""
+    mark = PngInfo()
+    mark.add_text("Software", MARK)
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    write_atomically(path, lambda temporary: picture.save(temporary, "PNG", pnginfo=mark))
 
 
 def as_json(path, picture, prediction, spec, scale=1.0):
@@ -189,12 +205,16 @@ def main(argv=None):
     model.eval()
     progress = Progress(len(paths), "predict", rate="images/s") if len(paths) > HANDFUL else None
     failed = 0
-    jobs = list(zip(paths, output_names(paths)))
+    jobs = list(zip(paths, output_names(paths, args.out)))
     for start in range(0, len(jobs), args.batch_size):
         batch = []
         for path, name in jobs[start : start + args.batch_size]:
             try:
-                batch.append((path, name, read_image(path)))
+                image = read_image(path)
+                thin = too_thin(*image.shape[-2:], spec.min_size, spec.max_size)
+                if thin:
+                    raise LeanError(f"{path}: {thin}")
+                batch.append((path, name, image))
             except LeanError as error:
                 print(f"error: {error}", file=sys.stderr)
                 failed += 1

@@ -35,6 +35,9 @@ class Source(Protocol):
     def sizes(self) -> np.ndarray:
         """(N, 2) int64 (height, width) of every image, from headers: nothing decoded."""
 
+    def files(self) -> list[Path]:
+        """Every file the source reads, so that a build never writes over one of them."""
+
     def encoded_sizes(self) -> np.ndarray:
         """(N,) int64 bytes of every image file, as a cache of encoded pixels stores them."""
 

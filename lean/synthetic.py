@@ -165,6 +165,9 @@ class SyntheticSource:
     def sizes(self):
         return np.array([image_size(self.seed, i) for i in range(self.num_images)], dtype=np.int64).reshape(-1, 2)
 
+    def files(self):
+        return []  # drawn, not read
+
     def encoded_sizes(self):
         return np.array([len(_png(self._pixels(i))) for i in range(self.num_images)], dtype=np.int64)
 

@@ -19,6 +19,7 @@ import torch
 from lean import checkpoint, distributed
 from lean.cache import Cache
 from lean.cache import build as build_cache
+from lean.canvas import too_thin
 from lean.checkpoint import Checkpointer, Position, RunFolder, position_after
 from lean.cli import Parser, add_device_argument, check_device, run
 from lean.config import DEFAULT_CACHE, SettingError, TrainConfig
@@ -36,6 +37,8 @@ from lean.speed import AMP, COMPILE, Speed, configure_process
 from lean.weights import WeightsUnavailable
 
 EXIT_DIVERGED = 3
+OFFLINE = ("set LEAN_PENNFUDAN to a PennFudan folder, or build a cache of your own (python -m lean.cache build "
+           "--help) and pass it with --cache")  # fmt: skip
 
 
 def main(argv=None):
@@ -62,17 +65,23 @@ def train(config, device, process):
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
     run_state = RunState(model, optimizer, scheduler, scaler)
-    checkpointer = Checkpointer(out, run_state, spec, config, process.main)
+    checkpointer = Checkpointer(out, run_state, spec, config, cache.fingerprint, process.world_size, process.main)
     trained = distributed.wrap(model, process, device)  # what the step calls: under DDP, the wrapper
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
-    with RunFolder(out, process.main), TrainingLog(out / "metrics.jsonl", process.main) as log, StopSignals() as stop:
+    with (
+        RunFolder(out, process.main),
+        TrainingLog(out / "metrics.jsonl", process.main, config.resume) as log,
+        StopSignals() as stop,
+    ):
         position = checkpointer.resume() if config.resume else Position()
         monitor = Monitor(loader, optimizer, process, config.log_every, total_iterations, position.iteration)
         curves = Curves(out)
         if config.resume:
             log.print(f"resuming {checkpointer.last} at epoch {position.epoch}, batch {position.batch}, "
                       f"iteration {position.iteration}")  # fmt: skip
-        log.print(f"training {spec.backbone} on {len(train_indices)} images ({len(test_indices)} held out), "
+        evaluated = len(test_indices)
+        held = f"validating on {evaluated} of {test_cache.path}" if config.val_cache else f"{evaluated} held out"
+        log.print(f"training {spec.backbone} on {len(train_indices)} images ({held}), "
                   f"{len(loader)} iterations/epoch x {config.epochs} epochs, batch {config.batch_size} x "
                   f"{process.world_size} process(es), {device}, {speed}; writing {out}")  # fmt: skip
         log.print(cpu_hint(config, device))
@@ -123,7 +132,7 @@ def open_cache(path, flag="--cache"):
         if path != DEFAULT_CACHE:
             raise LeanError(f"{flag} {path}: no such file; build it with python -m lean.cache build --out {path}")
         print(f"{path} is missing: building it first (python -m lean.cache build)", file=sys.stderr)
-        build_cache(PennFudanSource(default_root()), path)
+        build_cache(PennFudanSource(default_root(advice=OFFLINE)), path)
     return Cache(path)
 
 
@@ -146,8 +155,14 @@ def datasets(config):
     """(the training cache, its images to train on, the cache to evaluate on, its images to evaluate): a seeded
     split of --cache, or all of --cache and all of --val-cache."""
     cache = open_cache(config.cache)
+    check_sizes(cache, config)
+    if not cache.instance_offsets[-1]:
+        raise LeanError(f"--cache {cache.path}: no image has an instance to learn from")
     if config.val_cache:
         val = open_cache(config.val_cache, "--val-cache")
+        check_sizes(val, config)
+        if not val.instance_offsets[-1] and not config.no_eval:
+            raise LeanError(f"--val-cache {val.path}: no image has an instance, so there is no AP to measure")
         if (val.classes, val.category_ids) != (cache.classes, cache.category_ids):
             theirs, ours = (
                 f"{list(val.classes)} (ids {list(val.category_ids)})",
@@ -158,8 +173,19 @@ def datasets(config):
     try:
         train_indices, test_indices = split_indices(len(cache), config.seed, config.test_size)
     except ValueError as error:
-        raise LeanError(f"--test-size: {error}") from None
+        where = "--test-size" if config.test_size is not None else f"--cache {cache.path}"  # the user's word
+        raise LeanError(f"{where}: {error}") from None
     return cache, train_indices, cache, test_indices
+
+
+def check_sizes(cache, config):
+    """One line naming the first image of `cache` the model cannot take at the run's sizes, and how many more."""
+    thin = [(i, why) for i, (h, w) in enumerate(cache.sizes.tolist())
+            if (why := too_thin(h, w, config.min_size, config.max_size))]  # fmt: skip
+    if thin:
+        first, why = thin[0]
+        more = f" (and {len(thin) - 1} more)" if len(thin) > 1 else ""
+        raise LeanError(f"{cache.path}: image {cache.names[first]}{more}: {why}; leave it out of the dataset")
 
 
 def make_model(config, cache, speed, device, process):
@@ -251,6 +277,9 @@ def parse_args(argv):
         parser.error("argument --resume: needs --out, the run folder to continue")
     if config.out is not None and config.out.exists() and not config.out.is_dir():
         parser.error(f"argument --out: {config.out} is a file, not a folder")
+    if config.out is not None and not config.resume and (config.out / "last.pt").exists():
+        parser.error(f"argument --out: {config.out} holds a run already (last.pt); continue it with --resume, or "
+                     "train afresh into another --out")  # fmt: skip
     if config.resume:
         config = resumed(config, given_flags(parser, argv))
     check_device(parser, config.device)

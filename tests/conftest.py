@@ -115,6 +115,9 @@ class ArraySource:
     def source_ids(self):
         return list(range(len(self)))
 
+    def files(self):
+        return []
+
     def sizes(self):
         return np.array([image.shape[:2] for image, _ in self.examples], dtype=np.int64)
 

@@ -407,6 +407,62 @@ def test_a_cache_with_a_damaged_attribute_is_refused_in_one_line(tiny, tmp_path,
         assert one_line(status, stderr, f"damaged cache ({reason})"), stderr
 
 
+def _replace(name, data=None, group=False):
+    def damage(handle):
+        del handle[name]
+        if group:
+            handle.create_group(name)
+        else:
+            handle.create_dataset(name, data=data)
+
+    return damage
+
+
+def _drop_attribute(name):
+    return lambda handle: handle.attrs.__delitem__(name)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda h: _replace("pixels", h["pixels"][...].astype(np.uint16))(h), "pixels is uint16"),
+        (lambda h: _replace("mask_bits", h["mask_bits"][...].astype(np.int32))(h), "mask_bits is int32"),
+        (lambda h: _replace("labels", h["labels"][...].astype(np.float64))(h), "labels is float64"),
+        (lambda h: _replace("sizes", h["sizes"][...].astype(np.float32))(h), "sizes is float32"),
+        (lambda h: _replace("boxes", h["boxes"][...].reshape(-1))(h), "boxes is float32"),
+        (lambda h: _replace("labels", group=True)(h), "labels is not a dataset"),
+        (lambda h: h["iscrowd"].write_direct(np.full(h["iscrowd"].shape, 7, np.int64)), "iscrowd"),
+        (_drop_attribute("fingerprint"), "attribute fingerprint"),
+        (_drop_attribute("pixels"), "attribute pixels"),
+        (_drop_attribute("box_end"), "attribute box_end"),
+    ],
+    ids=[
+        "pixels-uint16",
+        "bits-int32",
+        "labels-float",
+        "sizes-float",
+        "boxes-flat",
+        "labels-group",
+        "iscrowd-7",
+        "no-fingerprint",
+        "no-pixels",
+        "no-box-end",
+    ],
+)
+def test_a_cache_whose_datasets_or_attributes_are_of_the_wrong_kind_is_one_line_everywhere(
+    tiny, tmp_path, damage, reason, capsys
+):
+    path = tmp_path / "c.h5"
+    path.write_bytes(tiny.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        damage(handle)
+    for argv in (["info", str(path)], ["verify", str(path)]):
+        status, _, stderr = cli(cache_main, argv, capsys)
+        assert one_line(status, stderr, "damaged cache", reason), stderr
+    status, _, stderr = cli(train_main, ["--cache", str(path), *QUICK, "--out", str(tmp_path / "r")], capsys)
+    assert one_line(status, stderr, "damaged cache", reason) and not (tmp_path / "r").exists()
+
+
 def test_flipped_pixel_bytes_are_found_by_their_checksum_without_the_source(tiny, tmp_path, capsys):
     path = tmp_path / "c.h5"
     path.write_bytes(tiny.read_bytes())
@@ -467,3 +523,35 @@ def test_a_killed_build_leaves_no_workers_and_its_temporary_is_cleared(tmp_path,
         assert list(tmp_path.glob(".c.h5.*.tmp"))
         subprocess.run(_build_command(out, count=2), check=True, capture_output=True, timeout=120)
         assert not list(tmp_path.glob(".c.h5.*.tmp")) and out.is_file()
+
+
+def test_a_build_never_writes_over_its_own_inputs_or_a_file_that_is_not_a_cache(tmp_path, capsys):
+    from tests.coco_files import annotation, dataset, write_coco
+
+    annotations = write_coco(tmp_path / "d", dataset([annotation(1)]))
+    inputs = {path: path.read_bytes() for path in (annotations, tmp_path / "d" / "a.png")}
+    foreign = tmp_path / "notes.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle["mine"] = np.arange(3)
+    text = tmp_path / "notes.txt"
+    text.write_text("mine")
+    command = ["build", "--source", "coco", "--annotations", str(annotations), "--workers", "0", "--out"]
+    for out, reason in [*((path, "is one of this command's inputs") for path in inputs),
+                        (foreign, "did not write"), (text, "did not write")]:  # fmt: skip
+        status, _, stderr = cli(cache_main, [*command, str(out)], capsys)
+        assert one_line(status, stderr, str(out), reason), stderr
+    assert {path: path.read_bytes() for path in inputs} == inputs and text.read_text() == "mine"
+    with h5py.File(foreign) as handle:
+        assert list(handle) == ["mine"]
+    cache = tmp_path / "c.h5"
+    for _ in range(2):  # a cache is rebuilt in place
+        assert cli(cache_main, [*command, str(cache)], capsys)[0] == 0
+
+
+def test_a_cache_version_of_another_kind_is_named_as_it_is(tiny, tmp_path, capsys):
+    path = tmp_path / "c.h5"
+    path.write_bytes(tiny.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["version"] = "2"
+    status, _, stderr = cli(cache_main, ["info", str(path)], capsys)
+    assert one_line(status, stderr, "cache format version '2', this lean reads 2"), stderr

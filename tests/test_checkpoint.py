@@ -6,9 +6,11 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from lean.cache import build
 from lean.checkpoint import RunFolder, load_model, read_weights
 from lean.evaluate import main as evaluate_main
 from lean.model import ModelSpec, create_model
+from lean.synthetic import SyntheticSource
 from lean.train import main as train_main
 from lean.train import parse_args
 from tests.conftest import QUICK, SMALL, cli, one_line, run_train
@@ -163,3 +165,42 @@ def test_a_lean_checkpoint_loads_as_weights(tiny, tmp_path, capsys):
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
     # The run trained from scratch: its model comes back as it trained, BatchNorm live.
     assert not pretrained and any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+
+
+def test_resume_on_a_cache_rebuilt_since_is_refused_in_one_line(tmp_path, capsys):
+    cache = build(SyntheticSource(10, seed=4), tmp_path / "c.h5", workers=0, progress=False)
+    common = ["--cache", str(cache), *QUICK, "--out", str(tmp_path / "run")]
+    assert cli(train_main, [*common, "--max-iters", "2"], capsys)[0] == 0
+    saved = (tmp_path / "run" / "last.pt").read_bytes()
+    for source in (SyntheticSource(10, seed=5), SyntheticSource(10, seed=4, classes=3)):  # other images, classes
+        build(source, cache, workers=0, progress=False)
+        status, _, stderr = cli(train_main, [*common, "--max-iters", "3", "--resume"], capsys)
+        assert one_line(status, stderr, "--resume", str(cache), "is not the cache", "fingerprint"), stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() == saved
+
+
+def test_a_run_is_resumed_only_in_as_many_processes_as_it_ran(tiny, tmp_path, capsys):
+    common = ["--cache", str(tiny), *QUICK, "--out", str(tmp_path / "run")]
+    assert cli(train_main, [*common, "--max-iters", "1"], capsys)[0] == 0
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as torchrun --nproc_per_node=2 writes it
+    torch.save(state, tmp_path / "run" / "last.pt")
+    status, _, stderr = cli(train_main, [*common, "--max-iters", "2", "--resume"], capsys)
+    assert one_line(status, stderr, "trained by 2 process(es), not 1", "--nproc_per_node=2"), stderr
+
+
+def test_a_new_run_into_a_folder_that_holds_a_run_is_refused_and_a_killed_ones_log_is_started_over(
+    tiny, tmp_path, capsys
+):
+    common = ["--cache", str(tiny), *QUICK, "--max-iters", "1", "--out", str(tmp_path / "run")]
+    assert cli(train_main, common, capsys)[0] == 0
+    saved = {name: (tmp_path / "run" / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    status, _, stderr = cli(train_main, common, capsys)
+    assert one_line(status, stderr, "--out", "holds a run already", "--resume"), stderr
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in saved} == saved
+    killed = tmp_path / "killed"  # a run stopped before its first checkpoint leaves a log and no last.pt
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"epoch": 9, "iteration": 99}\n')
+    assert cli(train_main, [*common[:-1], str(killed)], capsys)[0] == 0
+    assert '"iteration": 99' not in (killed / "metrics.jsonl").read_text()

@@ -221,8 +221,24 @@ def _no_categories(data):
     return "no 'categories' list"
 
 
+def _image_id_past_64_bits(data):
+    data["images"][0]["id"] = data["annotations"][0]["image_id"] = data["annotations"][1]["image_id"] = 2**64
+    return f"images[0].id: {2**64} is past the 64-bit range"
+
+
+def _negative_area(data):
+    data["annotations"][0]["area"] = -5
+    return "annotations[0].area: -5 is negative"
+
+
+def _crowd_as_a_word(data):
+    data["annotations"][0]["iscrowd"] = "yes"
+    return "annotations[0].iscrowd: 'yes' is not a number"
+
+
 BAD = [_missing_key, _unknown_image, _unknown_category, _bad_bbox, _bad_rle, _rle_of_another_size, _odd_polygon,
-       _stray_polygon_point, _escaping_path, _no_categories]  # fmt: skip
+       _stray_polygon_point, _escaping_path, _no_categories, _image_id_past_64_bits, _negative_area,
+       _crowd_as_a_word]  # fmt: skip
 
 
 @pytest.mark.parametrize("breakage", BAD, ids=lambda f: f.__name__[1:])
@@ -302,3 +318,73 @@ def test_building_from_an_export_gives_the_same_targets(which, small_folder, tmp
         want, got = original.target(i), again.target(i)
         for key in want:
             assert torch.equal(got[key], want[key]), (which, i, key)
+
+
+def _dataset_folder(tmp_path, names=("a.png", "b.png")):
+    images = [{"id": k + 1, "file_name": name, "width": 40, "height": 30} for k, name in enumerate(names)]
+    instances = [annotation(k + 1, image_id=k + 1) for k in range(len(names))]
+    return write_coco(tmp_path / "dataset", dataset(instances, images))
+
+
+def _contents(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_export_never_writes_over_a_datasets_own_json_or_images(tmp_path, capsys):
+    annotations = _dataset_folder(tmp_path)
+    cache = build(CocoSource(annotations), tmp_path / "c.h5", workers=0, progress=False, pixels="encoded")
+    before = _contents(annotations.parent)
+    status, _, stderr = cli(cache_main, ["export", str(cache), "--coco", str(annotations.parent)], capsys)
+    assert status == 2 and "annotations.json that lean did not export" in stderr and len(stderr.splitlines()) == 1
+    assert _contents(annotations.parent) == before
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.png").write_bytes(b"someone's picture")
+    status, _, stderr = cli(cache_main, ["export", str(cache), "--coco", str(elsewhere)], capsys)
+    assert status == 2 and "b.png is there already" in stderr and len(stderr.splitlines()) == 1
+    assert _contents(elsewhere) == {elsewhere / "b.png": b"someone's picture"}
+    again = tmp_path / "again"
+    for _ in range(2):  # an export's own files may be written again
+        assert cli(cache_main, ["export", str(cache), "--coco", str(again)], capsys)[0] == 0
+
+
+def test_images_that_would_export_to_one_name_keep_one_each_and_the_json_names_both(tmp_path, capsys):
+    annotations = _dataset_folder(tmp_path, names=("photo.png", "photo.jpg"))
+    cache = build(CocoSource(annotations), tmp_path / "c.h5", workers=0, progress=False, pixels="raw")
+    status, stdout, _ = cli(cache_main, ["export", str(cache), "--coco", str(tmp_path / "out")], capsys)
+    assert status == 0 and "photo.jpg written as photo-1.png" in stdout
+    exported = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert [image["file_name"] for image in exported["images"]] == ["photo.png", "photo-1.png"]
+    again = Cache(build(CocoSource(tmp_path / "out" / "annotations.json"), tmp_path / "again.h5", workers=0,
+                        progress=False))  # fmt: skip
+    assert [np.array_equal(again.image(i), Cache(cache).image(i)) for i in range(2)] == [True, True]
+
+
+def test_a_byte_order_mark_crowds_as_strings_and_shared_category_names_are_read_as_the_tools_mean_them(tmp_path):
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "cat"}]
+    instances = [annotation(1, iscrowd="1"), annotation(2, category_id=3)]
+    path = write_coco(tmp_path / "d", dataset(instances, categories=categories))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Notepad saves UTF-8
+    source = CocoSource(path)
+    assert source.classes == ("cat (id 1)", "dog", "cat (id 3)")
+    assert source.load(0).instances()["iscrowd"].tolist() == [1, 0]
+
+
+def test_files_that_cannot_be_read_as_still_images_or_json_are_one_line(tmp_path, capsys):
+    folder = tmp_path / "d"
+    path = write_coco(folder, dataset([annotation(1)]))
+    out = str(tmp_path / "c.h5")
+    command = ["build", "--source", "coco", "--annotations", str(path), "--workers", "0", "--out", out]
+    frames = [Image.fromarray(np.full((30, 40, 3), k * 60, np.uint8)) for k in range(3)]
+    cases = {
+        "animation": lambda: frames[0].save(folder / "a.png", "GIF", save_all=True, append_images=frames[1:]),
+        "TIFF": lambda: frames[0].save(folder / "a.png", "TIFF"),
+        "loop": lambda: ((folder / "a.png").unlink(), (folder / "a.png").symlink_to(folder / "a.png")),
+        "nested": lambda: path.write_text("[" * 100_000 + "]" * 100_000),
+    }
+    for what, damage in cases.items():
+        damage()
+        status, _, stderr = cli(cache_main, command, capsys)
+        assert status == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, (what, stderr)
+        assert {"animation": "an animation (3 frames)", "TIFF": "a TIFF image", "loop": "a loop of links",
+                "nested": "nested too deep"}[what] in stderr, stderr  # fmt: skip

@@ -18,6 +18,7 @@ from lean.coco import CocoSource
 from lean.evaluate import STAT_NAMES, coco_eval, detections, in_source_terms, on_host
 from lean.evaluate import main as evaluate_main
 from lean.pennfudan import PennFudanSource
+from lean.synthetic import SyntheticSource
 from tests.coco_files import annotation, dataset, polygon, write_coco
 from tests.conftest import cli
 
@@ -248,3 +249,34 @@ def test_results_in_the_sources_ids_score_as_lean_scores_them(tmp_path):
             evaluator.summarize()
             assert 0.1 < lean[kind]["AP"] < 0.99
             np.testing.assert_allclose(evaluator.stats, lean[kind]["stats"], atol=1e-6)
+
+
+def test_evaluate_never_writes_over_its_checkpoint_its_cache_or_a_file_it_did_not_write(trained_run, tmp_path, capsys):
+    cache, run_dir = trained_run
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes((run_dir / "last.pt").read_bytes())
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes")
+    kept = {path: path.read_bytes() for path in (checkpoint, cache, notes)}
+    base = ["--checkpoint", str(checkpoint), "--device", "cpu"]
+    cases = [
+        (["--json", str(checkpoint)], "is one of this command's inputs"),
+        (["--results", str(checkpoint)], "is one of this command's inputs"),
+        (["--json", str(cache)], "is one of this command's inputs"),
+        (["--results", str(notes)], "did not write"),
+        (["--json", str(tmp_path / "s.json"), "--results", str(tmp_path / "s.json")], "both name"),
+    ]
+    for flags, reason in cases:
+        status, _, stderr = cli(evaluate_main, [*base, *flags], capsys)
+        assert status == 2 and reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert {path: path.read_bytes() for path in kept} == kept
+    for _ in range(2):  # its own outputs it writes again
+        assert cli(evaluate_main, [*base, "--json", str(tmp_path / "s.json")], capsys)[0] == 0
+
+
+def test_a_split_that_cannot_be_made_is_one_line_and_all_needs_none(run_dir, tmp_path, capsys):
+    one = build(SyntheticSource(1, seed=7), tmp_path / "one.h5", workers=0, progress=False)
+    base = ["--checkpoint", str(run_dir / "last.pt"), "--cache", str(one), "--device", "cpu"]
+    assert cli(evaluate_main, [*base, "--split", "all"], capsys)[0] == 0
+    status, _, stderr = cli(evaluate_main, [*base, "--split", "test"], capsys)
+    assert status == 2 and "--split test:" in stderr and len(stderr.strip().splitlines()) == 1, stderr

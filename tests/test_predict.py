@@ -120,3 +120,33 @@ def test_labels_and_lines_grow_with_the_picture():
     (small_band, small_line), (large_band, large_line) = sizes
     assert small_band >= 12 and large_band >= 3 * small_band and large_band >= 0.015 * 3000  # readable at either size
     assert small_line >= 2 and large_line >= 0.002 * 3000
+
+
+def test_predictions_never_draw_over_their_inputs_or_pictures_they_did_not_draw(run_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, kind in (("holiday.jpg", "JPEG"), ("holiday.png", "PNG"), ("snap.png", "PNG")):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(folder / name, kind)
+    before = {path: path.read_bytes() for path in folder.iterdir()}
+    argv = [str(folder / "holiday.jpg"), str(folder / "snap.png"), "--checkpoint", str(run_dir / "last.pt"),
+            "--out", str(folder), "--device", "cpu"]  # fmt: skip
+    for _ in range(2):  # the second run draws over its own pictures, not beside them
+        status, stdout, _ = cli(predict_main, argv, capsys)
+        assert status == 0
+        pictures = [json.loads(line)["picture"] for line in stdout.splitlines()]
+        assert pictures == [str(folder / "holiday-1.png"), str(folder / "snap-1.png")]
+        assert all(path.read_bytes() == data for path, data in before.items())
+        assert sorted(path.name for path in folder.iterdir()) == [
+            "holiday-1.png", "holiday.jpg", "holiday.png", "snap-1.png", "snap.png"
+        ]  # fmt: skip
+
+
+def test_an_image_too_thin_for_the_models_sizes_is_one_line_and_the_rest_are_drawn(run_dir, tmp_path, capsys):
+    Image.fromarray(np.zeros((1000, 3, 3), np.uint8)).save(tmp_path / "thin.png")
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tmp_path / "fine.png")
+    argv = [str(tmp_path / "thin.png"), str(tmp_path / "fine.png"), "--checkpoint", str(run_dir / "last.pt"),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]  # fmt: skip
+    status, stdout, stderr = cli(predict_main, argv, capsys)
+    assert status == 1 and "thin.png" in stderr and "too thin" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "fine.png").is_file() and len(stdout.splitlines()) == 1

@@ -384,3 +384,46 @@ def test_a_validation_cache_of_other_classes_is_one_line(three_classes, tmp_path
     status, _, stderr = cli(train_main, argv, capsys)
     assert status == 2 and "--val-cache" in stderr and "are not the training cache's" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_an_image_too_thin_for_the_sizes_is_one_line_before_any_work(tmp_path, capsys):
+    from lean.cache import build
+    from lean.coco import CocoSource
+    from tests.coco_files import annotation, dataset, polygon, write_coco
+
+    images = [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+              {"id": 2, "file_name": "thin.png", "width": 3, "height": 1000}]  # fmt: skip
+    instances = [annotation(1), annotation(2, image_id=2, segmentation=[polygon(0, 5, 3, 100)], bbox=[0, 5, 3, 100])]
+    cache = build(CocoSource(write_coco(tmp_path / "d", dataset(instances, images))), tmp_path / "c.h5",
+                  workers=0, progress=False)  # fmt: skip
+    out = tmp_path / "run"
+    status, _, stderr = run_train(["--cache", str(cache), *QUICK, "--test-size", "1", "--out", str(out)], capsys)
+    assert one_line(status, stderr, "thin.png", "too thin for sizes 96/160", "3 x 1000") and not out.exists()
+
+
+def test_a_split_error_names_the_flag_the_user_gave_or_the_cache(tmp_path, capsys):
+    from lean.cache import build
+    from lean.synthetic import SyntheticSource
+
+    one = build(SyntheticSource(1, seed=0), tmp_path / "one.h5", workers=0, progress=False)
+    status, _, stderr = run_train(["--cache", str(one), *SMALL, "--out", str(tmp_path / "r")], capsys)
+    assert one_line(status, stderr, f"--cache {one}:", "leaves no image") and "--test-size" not in stderr
+
+
+def test_caches_without_an_instance_are_one_line_and_a_validation_cache_is_named_in_the_start_line(
+    tiny, tmp_path, capsys
+):
+    import numpy as np
+
+    from lean.cache import build
+    from tests.conftest import ArraySource
+
+    blank = [(np.zeros((32, 40, 3), np.uint8), np.zeros((32, 40), np.uint8)) for _ in range(4)]
+    negatives = build(ArraySource(blank), tmp_path / "negatives.h5", workers=0, progress=False)
+    status, _, stderr = run_train(["--cache", str(negatives), *QUICK, "--out", str(tmp_path / "a")], capsys)
+    assert one_line(status, stderr, "no image has an instance to learn from")
+    argv = ["--cache", str(tiny), "--val-cache", str(negatives), *SMALL, "--max-iters", "1"]
+    status, _, stderr = run_train([*argv, "--out", str(tmp_path / "b")], capsys)
+    assert one_line(status, stderr, "--val-cache", "no AP to measure")
+    status, stdout, _ = run_train([*argv, "--no-eval", "--out", str(tmp_path / "c")], capsys)
+    assert status == 0 and f"on 10 images (validating on 4 of {negatives})" in stdout

@@ -154,8 +154,10 @@ def command_verify(args):
 
 def command_export(args):
     cache = Cache(args.path)
-    path = export_coco(cache, args.coco, Progress(len(cache), "export"))
+    path, renamed = export_coco(cache, args.coco, Progress(len(cache), "export"))
     print(f"wrote {path} and {len(cache)} images beside it")
+    for original, name in renamed:
+        print(f"{original} written as {name}: another image takes its name")
 
 
 def main(argv=None):

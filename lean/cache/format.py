@@ -43,6 +43,20 @@ MAPPED = ("pixels", "mask_bits")
 DATASETS = INDEX + INSTANCE_FIELDS + MAPPED
 
 
+def is_cache(path):
+    """Whether the file at `path` is a lean cache of any version, or an HDF5 file too damaged to tell: what a
+    build may write over (an intact HDF5 file without lean's mark is someone else's)."""
+    try:
+        with h5py.File(path, "r") as handle:
+            return handle.attrs.get("format") == FORMAT
+    except OSError:
+        with open(path, "rb") as file:
+            return file.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def open_checked(path):
     """Open a cache read-only, or fail with one line saying why it is not one."""
     path = os.fspath(path)
@@ -57,17 +71,62 @@ def open_checked(path):
             raise LeanError(f"{path}: not a lean cache (HDF5 file without the {FORMAT!r} format mark)")
         if handle.attrs.get("version") != VERSION:
             raise LeanError(
-                f"{path}: cache format version {handle.attrs.get('version')}, this lean reads {VERSION}; "
+                f"{path}: cache format version {handle.attrs.get('version')!r}, this lean reads {VERSION}; "
                 "rebuild it with python -m lean.cache build and the arguments it was built with"
             )
         missing = [name for name in DATASETS if name not in handle]
         if missing:
             raise LeanError(f"{path}: cache lacks {', '.join(missing)}; rebuild it")
+        damage = _layout_damage(handle)
+        if damage:
+            raise LeanError(f"{path}: damaged cache ({damage}); rebuild it")
         _check_mapped(handle, path)
     except LeanError:
         handle.close()
         raise
     return handle
+
+
+# Each dataset's dtype and the shape of one of its rows; pixels' rows are (3,) raw and () encoded.
+LAYOUT = {
+    "source_ids": (np.int64, ()),
+    "sizes": (np.int64, (2,)),
+    "pixel_offsets": (np.int64, ()),
+    "instance_offsets": (np.int64, ()),
+    "boxes": (np.float32, (4,)),
+    "area": (np.float32, ()),
+    "labels": (np.int64, ()),
+    "iscrowd": (np.int64, ()),
+    "mask_crops": (np.int64, (4,)),
+    "mask_offsets": (np.int64, ()),
+    "mask_bits": (np.uint8, ()),
+    "checksums": (np.uint8, (32,)),
+}
+TEXT_ATTRIBUTES = {"fingerprint": None, "pixels": ("raw", "encoded"), "box_end": None}  # box_end's values: reader
+
+
+def _layout_damage(handle):
+    """What is not as this format lays it out (an attribute missing or of another kind, a dataset of another
+    dtype or shape, or a group in a dataset's place), or None: a file that holds garbage under the right names
+    would otherwise train on it."""
+    for name, allowed in TEXT_ATTRIBUTES.items():
+        value = handle.attrs.get(name)
+        if not isinstance(value, str) or (allowed and value not in allowed):
+            return f"attribute {name} is {value!r}"
+    rows = {**LAYOUT, "pixels": (np.uint8, (3,) if handle.attrs["pixels"] == "raw" else ())}
+    for name in DATASETS:
+        dataset = handle[name]
+        if not isinstance(dataset, h5py.Dataset):
+            return f"{name} is not a dataset"
+        if name == "names":
+            if h5py.check_string_dtype(dataset.dtype) is None or dataset.ndim != 1:
+                return "names are not a list of text"
+            continue
+        dtype, row = rows[name]
+        if dataset.dtype != dtype or dataset.shape[1:] != row:
+            shape = "(N" + "".join(f", {side}" for side in row) + ")"
+            return f"{name} is {dataset.dtype} {dataset.shape}, not {np.dtype(dtype)} {shape}"
+    return None
 
 
 def _check_mapped(handle, path):

@@ -162,6 +162,7 @@ def structure_damage(cache):
         ),
         (_offsets_fit(masks, m, cache._lengths["mask_bits"]), "mask offsets"),
         (((cache.instances["labels"] >= 1) & (cache.instances["labels"] <= len(cache.classes))).all(), "labels"),
+        (np.isin(cache.instances["iscrowd"], (0, 1)).all(), "iscrowd"),
         (
             all(isinstance(name, str) for name in cache.classes)
             and len(cache.category_ids) == len(cache.classes)

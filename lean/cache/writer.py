@@ -23,8 +23,9 @@ import h5py
 import numpy as np
 
 from lean import masks as mask_codec
-from lean.cache.format import FORMAT, INSTANCE_FIELDS, VERSION, image_checksum
+from lean.cache.format import FORMAT, INSTANCE_FIELDS, VERSION, image_checksum, is_cache
 from lean.errors import LeanError
+from lean.files import check_output
 from lean.progress import Progress
 
 PIXELS = ("raw", "encoded")
@@ -124,6 +125,7 @@ def build(source, out, workers=None, progress=True, pixels=None):
     out = Path(out)
     if len(source) == 0:
         raise LeanError("the source has no images")
+    check_output(out, "--out", source.files(), is_cache)
     workers = os.cpu_count() if workers is None else workers
     sizes = source.sizes()  # from headers: the layout is fixed before any pixel is decoded
     pixels = pixels or default_pixels(sizes)
