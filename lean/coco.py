@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_util
 
+from lean import masks as mask_codec
 from lean.errors import LeanError
 from lean.example import Example
 from lean.images import read_header, read_rgb
@@ -111,14 +112,12 @@ class CocoSource:
         if pixels.shape[:2] != (height, width):
             raise LeanError(f"{image['path']}: decodes to {pixels.shape[1]}x{pixels.shape[0]}, not {width}x{height}")
         instances = self.annotations[i]
-        masks = np.zeros((len(instances), height, width), dtype=np.uint8)
-        for n, instance in enumerate(instances):
-            masks[n] = mask_util.decode(instance["rle"])
+        parts = mask_codec.encode(mask_util.decode(instance["rle"]) for instance in instances)  # one at a time
         described = json.dumps([{key: v for key, v in instance.items() if key != "rle"} for instance in instances])
         digest = hashlib.sha256(hashlib.sha256(data).digest() + described.encode()).digest()
         return Example(
             (height, width),
-            masks,
+            None,
             np.array([instance["box"] for instance in instances], dtype=np.float32).reshape(-1, 4),
             np.array([instance["area"] for instance in instances], dtype=np.float32),
             np.array([instance["label"] for instance in instances], dtype=np.int64),
@@ -126,6 +125,7 @@ class CocoSource:
             digest,
             pixels=None if encoded else pixels,
             encoded=data if encoded else None,
+            mask_parts=parts,
         )
 
 

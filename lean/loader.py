@@ -171,6 +171,7 @@ class Loader:
         if self.device.type != "cuda":
             for batch in batches:
                 start = time.perf_counter()
+                self.cache.check_unchanged()
                 parts = staging.mapped_parts(self.cache, batch, self._batch_instances(batch, flips), flips)
                 images, targets = assemble(parts, flips, self.dtype)
                 self.wait_seconds += time.perf_counter() - start
@@ -188,6 +189,7 @@ class Loader:
                 raise staging.Stopped
             if slot.copied is not None:
                 slot.copied.synchronize()  # the device copy may still be reading this buffer
+            self.cache.check_unchanged()
             jpegs = staging.device_decodable(self.cache, batch) if self.device_decode else []
             decoded = staging.decode_on_device(self.cache, jpegs, self.device, decode_stream) if jpegs else ({}, None)
             used = staging.pack(self.cache, batch, self._batch_instances(batch, flips), slot, jpegs)

@@ -8,25 +8,32 @@ against COCO's RLE among others, is measured in docs/cache-format.md.
 import numpy as np
 
 
+def crop_box(mask):
+    """The crop [y0, x0, h, w] of an H x W mask: the rows and columns it covers (0s if it is empty)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return np.zeros(4, dtype=np.int64)
+    return np.array([rows[0], cols[0], rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1], dtype=np.int64)
+
+
 def crop_boxes(masks):
-    """(N, 4) int64 crops [y0, x0, h, w] of N x H x W masks: the rows and columns each covers (0s if empty)."""
-    boxes = np.zeros((len(masks), 4), dtype=np.int64)
-    for n, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if len(rows):
-            boxes[n] = rows[0], cols[0], rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-    return boxes
+    """(N, 4) int64 crops [y0, x0, h, w] of N x H x W masks (crop_box of each)."""
+    return np.array([crop_box(mask) for mask in masks], dtype=np.int64).reshape(-1, 4)
 
 
 def encode(masks):
-    """(crops (N, 4) int64, bits uint8, offsets (N+1,) int64) of N x H x W masks; instance n's bits are
-    bits[offsets[n]:offsets[n + 1]]."""
-    crops = crop_boxes(masks)
-    packed = [np.packbits(mask[y : y + h, x : x + w].astype(bool)) for mask, (y, x, h, w) in zip(masks, crops)]
-    offsets = np.zeros(len(masks) + 1, dtype=np.int64)
+    """(crops (N, 4) int64, bits uint8, offsets (N+1,) int64) of N x H x W masks, or of any iterable of H x W
+    masks, taken one at a time: an image of a thousand instances never holds all of them at full size at once.
+    Instance n's bits are bits[offsets[n]:offsets[n + 1]]."""
+    crops, packed = [], []
+    for mask in masks:
+        y, x, h, w = crop = crop_box(mask)
+        crops.append(crop)
+        packed.append(np.packbits(mask[y : y + h, x : x + w].astype(bool)))
+    offsets = np.zeros(len(packed) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(bits) for bits in packed])
     bits = np.concatenate(packed) if packed else np.zeros(0, dtype=np.uint8)
-    return crops, bits, offsets
+    return np.array(crops, dtype=np.int64).reshape(-1, 4), bits, offsets
 
 
 def crop_of(bits, crop, flip=False):

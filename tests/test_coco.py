@@ -388,3 +388,22 @@ def test_files_that_cannot_be_read_as_still_images_or_json_are_one_line(tmp_path
         assert status == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, (what, stderr)
         assert {"animation": "an animation (3 frames)", "TIFF": "a TIFF image", "loop": "a loop of links",
                 "nested": "nested too deep"}[what] in stderr, stderr  # fmt: skip
+
+
+def test_a_dense_image_is_loaded_one_mask_at_a_time(tmp_path):
+    import tracemalloc
+
+    count, side = 300, 1000
+    images = [{"id": 1, "file_name": "a.png", "width": side, "height": side}]
+    instances = [annotation(k + 1, segmentation=[polygon(3 * k, 3 * k, 20, 20)], bbox=[3 * k, 3 * k, 20, 20])
+                 for k in range(count)]  # fmt: skip
+    source = CocoSource(write_coco(tmp_path / "d", dataset(instances, images)))
+    tracemalloc.start()
+    try:
+        example = source.load(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    crops, _, _ = example.encoded_masks()
+    assert len(crops) == count and crops[:, 2:].tolist() == [[20, 20]] * count
+    assert peak < 60 * side * side  # all N x H x W masks at once: 300 MB; one at a time: a few images' worth

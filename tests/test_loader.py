@@ -222,3 +222,29 @@ def small_folder_cache_pair(small_folder, tmp_path):
         Cache(build(source, tmp_path / f"{kind}.h5", workers=0, progress=False, pixels=kind))
         for kind in ("raw", "encoded")
     )
+
+
+def test_a_cache_rewritten_in_place_while_it_loads_is_one_line_not_a_bus_error(tmp_path):
+    import subprocess
+    import sys
+
+    from lean.synthetic import SyntheticSource
+
+    path = build(SyntheticSource(6, seed=1), tmp_path / "c.h5", workers=0, progress=False)
+    script = f"""
+import os
+from lean.cache import Cache
+from lean.errors import LeanError
+from lean.loader import Loader
+batches = iter(Loader(Cache({str(path)!r}), batch_size=2, device="cpu", shuffle=False))
+next(batches)
+with open({str(path)!r}, "r+b") as file:  # what copying another file over it does first
+    file.truncate(os.path.getsize({str(path)!r}) // 4)
+try:
+    next(batches)
+except LeanError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # -7: SIGBUS
+    assert "the cache changed on disk while in use" in done.stdout

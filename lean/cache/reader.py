@@ -24,6 +24,7 @@ class Cache:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self._stamp = _stamp(self.path)
         with open_checked(self.path) as handle:
             attrs = handle.attrs
             self.fingerprint = str(attrs["fingerprint"])
@@ -52,6 +53,13 @@ class Cache:
 
     def __len__(self):
         return len(self.names)
+
+    def check_unchanged(self):
+        """One line where the file was rewritten or replaced since it was opened: pages of a file rewritten in
+        place under its memory map would kill the process with SIGBUS and no word."""
+        if _stamp(self.path) != self._stamp:
+            raise LeanError(f"{self.path}: the cache changed on disk while in use (rebuilt or copied over?); "
+                            "build a new one under another name, or start again")  # fmt: skip
 
     def checksum(self, i):
         """sha256 of what the cache holds for image i now, to compare with checksums[i]."""
@@ -183,6 +191,15 @@ def structure_damage(cache):
     if not inside.all() or not np.array_equal(np.diff(masks), -(-(h * w) // 8)):
         return "mask crops"
     return None
+
+
+def _stamp(path):
+    """What tells one version of a file from another: its inode, size and modification time."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _json_attribute(attrs, name, kind, path):

@@ -23,11 +23,12 @@ def first_mismatch(cache, source, progress=None):
         if cache.names[i] != name:
             return f"image {i}: the cache has {cache.names[i]}, the source {name}"
         example = source.load(i)
+        stored_masks, loaded_masks = cache.mask_parts(i), example.encoded_masks()  # compared as stored: cropped
         for what, cached, loaded in (
-            ("pixels", cache.image(i), example.pixels),
-            ("masks", cache.masks(i), example.masks),
+            ("pixels", [cache.image(i)], [example.pixels]),
+            ("masks", stored_masks, loaded_masks),
         ):
-            if cached.shape != loaded.shape or not np.array_equal(cached, loaded):
+            if any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(cached, loaded)):
                 return f"{name}: {what} differ from the source"
         stored = cache.instance_targets(i)
         for field, loaded in example.instances().items():

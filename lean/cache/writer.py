@@ -22,7 +22,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from lean import masks as mask_codec
 from lean.cache.format import FORMAT, INSTANCE_FIELDS, VERSION, image_checksum, is_cache
 from lean.errors import LeanError
 from lean.files import check_output
@@ -67,7 +66,7 @@ class _Job:
         if data.size != (self.offsets[i + 1] - self.offsets[i]) * width:
             raise LeanError(f"{name}: changed while the cache was built ({data.size} bytes, expected another size)")
         os.pwrite(self.fd, data.data, self.pixels_offset + width * int(self.offsets[i]))
-        instances, masks = example.instances(), mask_codec.encode(example.masks)
+        instances, masks = example.instances(), example.encoded_masks()
         return instances, masks, example.digest, image_checksum(data, masks[1], instances)
 
 
