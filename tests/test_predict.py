@@ -150,3 +150,14 @@ def test_an_image_too_thin_for_the_models_sizes_is_one_line_and_the_rest_are_dra
     status, stdout, stderr = cli(predict_main, argv, capsys)
     assert status == 1 and "thin.png" in stderr and "too thin" in stderr and len(stderr.strip().splitlines()) == 1
     assert (tmp_path / "out" / "fine.png").is_file() and len(stdout.splitlines()) == 1
+
+
+def test_an_animation_is_one_line_and_the_rest_are_drawn(run_dir, tmp_path, capsys):
+    frames = [Image.fromarray(np.full((40, 50, 3), 80 * k, np.uint8)) for k in range(3)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "still.png")
+    argv = [str(tmp_path / "moving.gif"), str(tmp_path / "still.png"), "--checkpoint", str(run_dir / "last.pt"),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]  # fmt: skip
+    status, stdout, stderr = cli(predict_main, argv, capsys)
+    assert status == 1 and "moving.gif: an animation (3 frames)" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "still.png").is_file() and len(stdout.splitlines()) == 1
