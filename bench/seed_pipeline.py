@@ -96,6 +96,41 @@ def seed_model(min_size, max_size):
     return model
 
 
+def seed_detector(min_size, max_size):
+    """The tutorial's first model, Faster R-CNN, as `seed_model` builds its Mask R-CNN: fasterrcnn_resnet50_fpn's
+    fine-tuning layout (BatchNorm frozen, epsilon 0, the first stages fixed), randomly initialised, its box
+    predictor a FastRCNNPredictor for two classes."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection._utils import overwrite_eps
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
+    model = FasterRCNN(backbone, num_classes=91, min_size=min_size, max_size=max_size)
+    overwrite_eps(model, 0.0)
+    model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, 2)
+    return model
+
+
+def seed_mobilenet_detector(min_size, max_size):
+    """The tutorial's second recipe: a FasterRCNN on MobileNetV2's features (1280 channels, one feature map),
+    5 x 3 anchors and a 7 x 7 RoIAlign on that map, randomly initialised."""
+    import torchvision
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = torchvision.models.mobilenet_v2(weights=None).features
+    backbone.out_channels = 1280
+    anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
+    pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    return FasterRCNN(backbone, num_classes=2, rpn_anchor_generator=anchors, box_roi_pool=pooler,
+                      min_size=min_size, max_size=max_size)  # fmt: skip
+
+
 def seed_model_from_scratch(min_size, max_size):
     """What the tutorial's call builds without weights (live BatchNorm, every layer trained), as
     `lean.train --weights none` builds it: the model of the tutorial's whole job where no weights can be

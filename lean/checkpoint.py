@@ -6,7 +6,8 @@ A checkpoint is one torch.save'd dict:
     model, optimizer, scheduler, scaler   state dicts
     rng                                   the torch (and CUDA) generator states
     epoch, batch, iteration               where the run resumes (Position)
-    best_segm_ap                          the best evaluation so far, -1 before any
+    best_ap                               the best main AP so far (segm for a Mask R-CNN, bbox for a
+                                          Faster R-CNN), -1 before any (best_segm_ap before 2026-11-29)
     cache_fingerprint, world_size         what the run trains on and in how many processes: a resume
                                           must match both (absent from checkpoints before 2026-11-29)
     model_spec                            how to build the model again (lean.model.ModelSpec)
@@ -91,14 +92,14 @@ class RunFolder:
 
 class Checkpointer:
     """Keeps a run's checkpoints in `folder`: last.pt, written after every epoch and on a stop, and best.pt,
-    a copy of the one with the best segm AP. Disabled (every process under torchrun but the main one), it
+    a copy of the one with the best main AP. Disabled (every process under torchrun but the main one), it
     writes nothing but resumes all the same."""
 
     def __init__(self, folder, run, spec, config, fingerprint, world_size=1, enabled=True):
         self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
         self.run, self.spec, self.config, self.enabled = run, spec, config, enabled
         self.fingerprint, self.world_size = fingerprint, world_size
-        self.best_segm_ap = -1.0
+        self.best_ap = -1.0
 
     def resume(self):
         """Load last.pt into the run and the RNG; returns where the run resumes. A run is continued only as it
@@ -118,14 +119,15 @@ class Checkpointer:
         self.run.scheduler.load_state_dict(state["scheduler"])
         self.run.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        self.best_segm_ap = state["best_segm_ap"]
+        self.best_ap = state["best_ap"] if "best_ap" in state else state["best_segm_ap"]
         return Position(state["epoch"], state["batch"], state["iteration"])
 
-    def save(self, position, segm_ap=None):
-        """Write last.pt at `position`, atomically; copy it to best.pt when `segm_ap` beats every earlier one.
+    def save(self, position, ap=None):
+        """Write last.pt at `position`, atomically; copy it to best.pt when `ap` (the run's main AP) beats every
+        earlier one.
         A failed write (a full disk) leaves the last good checkpoint and no temporary file."""
-        improved = segm_ap is not None and segm_ap > self.best_segm_ap
-        self.best_segm_ap = max(self.best_segm_ap, segm_ap if segm_ap is not None else -1.0)
+        improved = ap is not None and ap > self.best_ap
+        self.best_ap = max(self.best_ap, ap if ap is not None else -1.0)
         if not self.enabled:
             return
         state = {
@@ -137,7 +139,7 @@ class Checkpointer:
             "scaler": self.run.scaler.state_dict(),
             "rng": _rng_state(),
             **dataclasses.asdict(position),
-            "best_segm_ap": self.best_segm_ap,
+            "best_ap": self.best_ap,
             "cache_fingerprint": self.fingerprint,
             "world_size": self.world_size,
             "model_spec": {

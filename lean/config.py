@@ -35,6 +35,7 @@ class TrainConfig:
     test_size: int | None = None
     seed: int = 0
     # model
+    task: str | None = None  # segment (Mask R-CNN) or detect (Faster R-CNN); None: segment
     backbone: str = "resnet50_fpn"
     weights: str = "coco"  # coco, none, or the path of a state dict or lean checkpoint
     min_size: int = 800

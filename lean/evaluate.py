@@ -96,9 +96,10 @@ def detections(indices, predictions):
     return results
 
 
-def coco_eval(cache, indices, predictions, verbose=True):
-    """{"bbox": stats, "segm": stats}, each stats dict holding the 12 COCO numbers by name and as "stats", and
-    "per_class": {class name: {"AP": ..., "AP50": ...}} (-1 for a class with no ground truth here).
+def coco_eval(cache, indices, predictions, verbose=True, metrics=KINDS):
+    """{"bbox": stats, "segm": stats} (those of `metrics`), each stats dict holding the 12 COCO numbers by name
+    and as "stats", and "per_class": {class name: {"AP": ..., "AP50": ...}} (-1 for a class with no ground
+    truth here).
 
     `predictions` are one torchvision output dict per index, in the order of `indices`.
     """
@@ -108,7 +109,7 @@ def coco_eval(cache, indices, predictions, verbose=True):
     truth = ground_truth(cache, indices)
     results = detections(indices, predictions)
     report = {}
-    for kind in KINDS:
+    for kind in metrics:
         if kind == "segm" and results and "segmentation" not in results[0]:
             continue
         # Each kind gets its own results, as the references make them: boxes alone, or masks alone
@@ -193,14 +194,14 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
     return predictions
 
 
-def evaluate(model, cache, indices, device, amp_dtype=None, verbose=True):
+def evaluate(model, cache, indices, device, amp_dtype=None, verbose=True, metrics=KINDS):
     """coco_eval of `model`'s predictions for `indices`, the model run eager (compiled, each test image's shape
     would be one more graph, costing more than the images take) and left in the mode it came in."""
     training = model.training
     with torch.compiler.set_stance("force_eager"):
         predictions = predict_split(model, cache, indices, device, amp_dtype)
     model.train(training)
-    return coco_eval(cache, indices, predictions, verbose)
+    return coco_eval(cache, indices, predictions, verbose, metrics)
 
 
 def split_of(cache, name, seed, test_size):
@@ -248,7 +249,7 @@ def main(argv=None):
     split = args.split or ("test" if path == config.cache else "all")
     indices = split_of(cache, split, config.seed, config.test_size)
     predictions = predict_split(model, cache, indices, device)
-    report = coco_eval(cache, indices, predictions)
+    report = coco_eval(cache, indices, predictions, metrics=spec.metrics)
     if args.results:
         results = json.dumps(in_source_terms(cache, detections(indices, predictions)))
         write_atomically(args.results, lambda temporary: temporary.write_text(results))

@@ -85,7 +85,8 @@ def assemble(parts, flips, dtype=torch.float32):
             image = image.clone()
         target = {name: part[name] for name in ("labels", "image_id", "area", "iscrowd")}
         target["boxes"] = part["boxes"].view(-1, 4)
-        target["masks"] = part["masks"]
+        if "masks" in part:  # a Faster R-CNN's batch has none
+            target["masks"] = part["masks"]
         images.append(image)
         targets.append(target)
     return images, targets
@@ -99,7 +100,8 @@ class Loader:
     With train=True, images are flipped left-right with p = 0.5 and
     instances with zero-width or zero-height boxes, which Mask R-CNN's
     training refuses, are left out of the targets. `device_decode=False`
-    decodes a CUDA loader's JPEGs on the CPU instead of with nvJPEG.
+    decodes a CUDA loader's JPEGs on the CPU instead of with nvJPEG; `masks=False` leaves the masks out of
+    the targets, and their work out of the batches (a Faster R-CNN trains on boxes alone).
     """
 
     def __init__(
@@ -116,13 +118,14 @@ class Loader:
         drop_last=False,
         dtype=torch.float32,
         device_decode=True,
+        masks=True,
     ):
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.device = torch.device(device)
         self.device_decode = device_decode and self.device.type == "cuda" and cache.stored == "encoded"
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.train, self.rank, self.world_size, self.drop_last = train, rank, world_size, drop_last
-        self.dtype = dtype
+        self.dtype, self.masks = dtype, masks
         self.groups = aspect_groups(cache.sizes)
         self.epoch, self.start_batch = 0, 0
         self._batches = None  # (epoch, its batches): len(loader) is asked every step
@@ -172,7 +175,7 @@ class Loader:
             for batch in batches:
                 start = time.perf_counter()
                 self.cache.check_unchanged()
-                parts = staging.mapped_parts(self.cache, batch, self._batch_instances(batch, flips), flips)
+                parts = staging.mapped_parts(self.cache, batch, self._batch_instances(batch, flips), flips, self.masks)
                 images, targets = assemble(parts, flips, self.dtype)
                 self.wait_seconds += time.perf_counter() - start
                 yield images, targets
@@ -197,7 +200,7 @@ class Loader:
 
         ahead = staging.Ahead(pack_next, batches, on_stop=lambda: free.put(None))
         try:
-            for parts in staging.copied_to_device(ahead, free, flips, self.device):
+            for parts in staging.copied_to_device(ahead, free, flips, self.device, self.masks):
                 yield assemble(parts, flips, self.dtype)
         finally:
             self.wait_seconds += ahead.wait_seconds

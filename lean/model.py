@@ -1,4 +1,7 @@
-"""Mask R-CNN models for lean: the tutorial's two recipes and a small one for CPUs.
+"""Mask R-CNN and Faster R-CNN models for lean: the tutorial's two recipes and small ones for CPUs.
+
+A spec's task picks the kind: "segment" builds torchvision's Mask R-CNN, "detect" its Faster R-CNN,
+the same backbones, anchors and box heads without the mask branch (the tutorial's first section).
 
     resnet50_fpn      the tutorial's fine-tuning recipe: torchvision's Mask R-CNN
                       with its box and mask predictors replaced for num_classes
@@ -21,7 +24,12 @@ from dataclasses import dataclass
 
 import torch
 import torchvision
-from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection import (
+    FasterRCNN,
+    FasterRCNN_ResNet50_FPN_Weights,
+    MaskRCNN,
+    MaskRCNN_ResNet50_FPN_Weights,
+)
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -39,6 +47,7 @@ from lean.speed import tune_for_speed
 from lean.weights import downloading
 
 BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
+TASKS = ("segment", "detect")  # Mask R-CNN: boxes and masks; Faster R-CNN: boxes
 MASK_HIDDEN = 256
 SMALL_HIDDEN = 128  # channels of mobilenet_v3_fpn's mask head; its box head has 4x this
 SLIM_CHANNELS = 64  # resnet18_fpn's FPN and mask head channels; its box head has 4x this
@@ -58,10 +67,13 @@ class ModelSpec:
     max_size: int = 1333
     pretrained: bool = True
     category_ids: tuple[int, ...] | None = None  # each class's id in the data it came from; default 1..K
+    task: str = "segment"  # checkpoints from before the task was chosen are Mask R-CNNs
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise LeanError(f"unknown backbone {self.backbone!r}; lean builds {', '.join(BACKBONES)}")
+        if self.task not in TASKS:
+            raise LeanError(f"unknown task {self.task!r}; lean trains {', '.join(TASKS)}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
         ids = range(1, len(self.class_names) + 1) if self.category_ids is None else self.category_ids
         object.__setattr__(self, "category_ids", tuple(int(i) for i in ids))
@@ -72,6 +84,20 @@ class ModelSpec:
     def num_classes(self):
         """Classes the predictors score, background included."""
         return len(self.class_names) + 1
+
+    @property
+    def masks(self):
+        """Whether the model predicts masks (Mask R-CNN) or boxes alone (Faster R-CNN)."""
+        return self.task == "segment"
+
+    @property
+    def kind(self):
+        return "Mask R-CNN" if self.masks else "Faster R-CNN"
+
+    @property
+    def metrics(self):
+        """The COCO metrics its predictions are scored by, the one best.pt keeps the best of last."""
+        return ("bbox", "segm") if self.masks else ("bbox",)
 
 
 class Uint8Transform(GeneralizedRCNNTransform):
@@ -123,29 +149,32 @@ _NO_BOXES = torch.zeros(0, 4)
 
 
 def create_model(spec, state=None, speed=None, device="cpu", download=False):
-    """The Mask R-CNN `spec` describes, for its classes (background included), on `device`, with `speed` (a
-    lean.speed.Speed) applied if given: the one place lean builds a model.
+    """The Mask R-CNN or Faster R-CNN `spec` describes, for its classes (background included), on `device`, with
+    `speed` (a lean.speed.Speed) applied if given: the one place lean builds a model.
 
     state: a state dict to load; predictors for another number of classes (the COCO weights' 91) make
     way for fresh ones, as the tutorial replaces them, and the rest must fit. download: start from the
-    published weights through torchvision (COCO Mask R-CNN for resnet50_fpn, ImageNet backbone for the
-    others); only for a spec in the pretrained layout.
+    published weights through torchvision (COCO Mask R-CNN or Faster R-CNN for resnet50_fpn, ImageNet
+    backbone for the others); only for a spec in the pretrained layout.
     """
     if download and not spec.pretrained:
         raise ValueError("downloaded weights come in the pretrained layout")
     with downloading("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
-        model = _BUILDERS[spec.backbone](spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size)
+        model = _BUILDERS[spec.backbone](
+            spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size, spec.masks
+        )
     transform = model.transform
     model.transform = Uint8Transform(spec.min_size, spec.max_size, transform.image_mean, transform.image_std)
     heads = model.roi_heads
     heads.box_roi_pool = SparseRoIAlign.like(heads.box_roi_pool)
-    heads.mask_roi_pool = SparseRoIAlign.like(heads.mask_roi_pool)
+    if spec.masks:
+        heads.mask_roi_pool = SparseRoIAlign.like(heads.mask_roi_pool)
     if state is not None:
         try:
             model.load_state_dict(_with_own_predictors(model, state))
         except RuntimeError as error:
             raise LeanError(
-                f"the state dict does not fit a {spec.backbone} Mask R-CNN with {spec.num_classes} classes "
+                f"the state dict does not fit a {spec.backbone} {spec.kind} with {spec.num_classes} classes "
                 f"({reason(error)})"
             ) from None
     fold_frozen_norms(model)
@@ -177,42 +206,51 @@ def _with_own_predictors(model, state):
     }
 
 
-def _resnet50_fpn(num_classes, pretrained, download, min_size, max_size):
-    # maskrcnn_resnet50_fpn's model, built here so that weights from a file get the layout it gives
-    # downloaded ones; it only gives that layout to weights it downloads.
+def _detector(masks, backbone, mask_branch=None, **box_parts):
+    """torchvision's Mask R-CNN with `mask_branch` (its mask arguments), or with `masks` False its Faster
+    R-CNN: the same backbone, anchors and box heads."""
+    return MaskRCNN(backbone, **box_parts, **(mask_branch or {})) if masks else FasterRCNN(backbone, **box_parts)
+
+
+def _resnet50_fpn(num_classes, pretrained, download, min_size, max_size, masks=True):
+    # maskrcnn_resnet50_fpn's (fasterrcnn_resnet50_fpn's) model, built here so that weights from a file get
+    # the layout it gives downloaded ones; it only gives that layout to weights it downloads.
     norm = torchvision.ops.misc.FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50", weights=None, norm_layer=norm, trainable_layers=3 if pretrained else 5
     )
-    model = MaskRCNN(backbone, num_classes=91, min_size=min_size, max_size=max_size)
+    model = _detector(masks, backbone, num_classes=91, min_size=min_size, max_size=max_size)
     if download:
-        model.load_state_dict(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True, check_hash=True))
+        published = MaskRCNN_ResNet50_FPN_Weights if masks else FasterRCNN_ResNet50_FPN_Weights
+        model.load_state_dict(published.COCO_V1.get_state_dict(progress=True, check_hash=True))
     if pretrained:  # the COCO weights were trained with no epsilon in their frozen BatchNorm; torchvision sets it so
         overwrite_eps(model, 0.0)
     box_features = model.roi_heads.box_predictor.cls_score.in_features
     model.roi_heads.box_predictor = FastRCNNPredictor(box_features, num_classes)
-    mask_features = model.roi_heads.mask_predictor.conv5_mask.in_channels
-    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_features, MASK_HIDDEN, num_classes)
+    if masks:
+        mask_features = model.roi_heads.mask_predictor.conv5_mask.in_channels
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_features, MASK_HIDDEN, num_classes)
     return model
 
 
-def _mobilenet_v2(num_classes, pretrained, download, min_size, max_size):
+def _mobilenet_v2(num_classes, pretrained, download, min_size, max_size, masks=True):
     # The tutorial's recipe keeps MobileNetV2's live BatchNorm, pretrained or not.
     weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1 if download else None
     backbone = torchvision.models.mobilenet_v2(weights=weights).features
     backbone.out_channels = 1280
-    return MaskRCNN(
+    return _detector(
+        masks,
         backbone,
+        {"mask_roi_pool": MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=2)},
         num_classes=num_classes,
         min_size=min_size,
         max_size=max_size,
         rpn_anchor_generator=AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)),
         box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2),
-        mask_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=2),
     )
 
 
-def _mobilenet_v3_fpn(num_classes, pretrained, download, min_size, max_size):
+def _mobilenet_v3_fpn(num_classes, pretrained, download, min_size, max_size, masks=True):
     weights = torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1 if download else None
     backbone = mobilenet_backbone(
         backbone_name="mobilenet_v3_large",
@@ -223,10 +261,10 @@ def _mobilenet_v3_fpn(num_classes, pretrained, download, min_size, max_size):
     )
     # Anchors one octave smaller than torchvision's for this backbone: meant for small images.
     anchors = AnchorGenerator(sizes=((16, 32, 64, 128, 256),) * 3, aspect_ratios=((0.5, 1.0, 2.0),) * 3)
-    return _small_mask_rcnn(backbone, anchors, SMALL_HIDDEN, num_classes, min_size, max_size)
+    return _small_detector(masks, backbone, anchors, SMALL_HIDDEN, num_classes, min_size, max_size)
 
 
-def _resnet18_fpn(num_classes, pretrained, download, min_size, max_size):
+def _resnet18_fpn(num_classes, pretrained, download, min_size, max_size, masks=True):
     # From scratch, GroupNorm rather than BatchNorm, in the trunk, the FPN and the mask head: the statistics
     # of a batch of 2-4 images are noisy, and the running ones that evaluation would use lag far behind a
     # network that is still changing fast (docs/convergence.md).
@@ -245,7 +283,8 @@ def _resnet18_fpn(num_classes, pretrained, download, min_size, max_size):
     )
     # One anchor size per level (strides 4 to 64), three shapes each.
     anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    return _small_mask_rcnn(
+    return _small_detector(
+        masks,
         backbone,
         anchors,
         SLIM_CHANNELS,
@@ -262,10 +301,11 @@ def _group_norm(channels):
     return torch.nn.GroupNorm(min(32, channels // 4), channels)
 
 
-def _small_mask_rcnn(
-    backbone, anchors, hidden, num_classes, min_size, max_size, mask_convs=2, box_batch_size_per_image=128, norm=None
-):
-    """A Mask R-CNN sized for small images on a CPU.
+def _small_detector(
+    masks, backbone, anchors, hidden, num_classes, min_size, max_size, mask_convs=2, box_batch_size_per_image=128,
+    norm=None,
+):  # fmt: skip
+    """A Mask R-CNN (or with `masks` False, a Faster R-CNN) sized for small images on a CPU.
 
     A quarter of torchvision's proposals, a quarter (or less) of its sampled regions, and slim heads: with
     torchvision's heads the mask head's four 256-channel convolutions and RoIAlign's backward take most of
@@ -274,8 +314,15 @@ def _small_mask_rcnn(
     `norm`, if given, follows each of the mask head's convolutions.
     """
     channels = backbone.out_channels
-    return MaskRCNN(
+    box_head, box_predictor = TwoMLPHead(channels * 7 * 7, hidden * 4), FastRCNNPredictor(hidden * 4, num_classes)
+    mask_branch = masks and {  # made after the box heads, as ever: a seed initialises the same weights
+        "mask_head": MaskRCNNHeads(channels, (hidden,) * mask_convs, 1, norm_layer=norm),
+        "mask_predictor": MaskRCNNPredictor(hidden, hidden, num_classes),
+    }
+    return _detector(
+        masks,
         backbone,
+        mask_branch,
         num_classes=None,  # the predictors below carry it
         min_size=min_size,
         max_size=max_size,
@@ -288,10 +335,8 @@ def _small_mask_rcnn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_positive_fraction=0.5,
         box_detections_per_img=50,
-        box_head=TwoMLPHead(channels * 7 * 7, hidden * 4),
-        box_predictor=FastRCNNPredictor(hidden * 4, num_classes),
-        mask_head=MaskRCNNHeads(channels, (hidden,) * mask_convs, 1, norm_layer=norm),
-        mask_predictor=MaskRCNNPredictor(hidden, hidden, num_classes),
+        box_head=box_head,
+        box_predictor=box_predictor,
     )
 
 

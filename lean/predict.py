@@ -2,11 +2,11 @@
 it as JSON.
 
 Each argument is an image, a folder (its images) or a glob pattern ("photos/**/*.jpg"). For each image,
-DIR/NAME.png shows the detections above --score-thresh (translucent masks, boxes, class names and
-scores over the image) and one JSON line on stdout lists them and names the picture: NAME-1.png where
-NAME.png is an input or a file lean.predict did not draw, which it never draws over. An unreadable image is one line on
-stderr; the others are still processed, and the exit status says that one failed. More than a
-handful of images get a progress line on stderr.
+DIR/NAME.png shows the detections above --score-thresh (boxes, class names and scores over the image, and
+a Mask R-CNN's translucent masks) and one JSON line on stdout lists them and names the picture: NAME-1.png
+where NAME.png is an input or a file lean.predict did not draw, which it never draws over. An unreadable
+image is one line on stderr; the others are still processed, and the exit status says that one failed.
+More than a handful of images get a progress line on stderr.
 """
 
 import argparse
@@ -95,12 +95,8 @@ def draw(image, prediction, spec, scale=1.0):
     colours = [PALETTE[(int(label) - 1) % len(PALETTE)] for label in prediction["labels"]]
     if not colours:
         return image
-    if scale == 1.0:
-        image = draw_segmentation_masks(image, prediction["masks"][:, 0] > 0.5, alpha=0.45, colors=colours)
-    else:
-        for mask, colour in zip(prediction["masks"], colours):
-            mask = torch.nn.functional.interpolate(mask[None], size=image.shape[-2:], mode="bilinear")[0, 0]
-            image = draw_segmentation_masks(image, mask > 0.5, alpha=0.45, colors=[colour])
+    if "masks" in prediction:  # a Faster R-CNN's predictions are boxes alone
+        image = draw_masks(image, prediction["masks"], colours, scale)
     names = [
         f"{spec.class_names[int(label) - 1]} {score:.2f}"
         for label, score in zip(prediction["labels"], prediction["scores"])
@@ -108,6 +104,17 @@ def draw(image, prediction, spec, scale=1.0):
     boxes = prediction["boxes"] / scale
     image = draw_bounding_boxes(image, boxes, colors=colours, width=line_width(image))
     return label(image, boxes, names, colours)
+
+
+def draw_masks(image, masks, colours, scale=1.0):
+    """The image with each of `masks` (N x 1 x h x w scores, for the image shrunk by `scale`) laid over it,
+    translucent; brought to the image's size one at a time, so a large photo never holds all at once."""
+    if scale == 1.0:
+        return draw_segmentation_masks(image, masks[:, 0] > 0.5, alpha=0.45, colors=colours)
+    for mask, colour in zip(masks, colours):
+        mask = torch.nn.functional.interpolate(mask[None], size=image.shape[-2:], mode="bilinear")[0, 0]
+        image = draw_segmentation_masks(image, mask > 0.5, alpha=0.45, colors=[colour])
+    return image
 
 
 def line_width(image):

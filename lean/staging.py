@@ -104,16 +104,20 @@ def check_decoded_sizes(cache, decoded):
                             f"cached size {cached}; rebuild the cache")  # fmt: skip
 
 
-def mapped_parts(cache, batch, instances, flips):
-    """Per image: pixels as a tensor over the memory-mapped cache (or decoded), its masks, in the orientation
-    `flips` gives, and its instance arrays, copied, so what the caller gets is its own."""
+def mapped_parts(cache, batch, instances, flips, masks=True):
+    """Per image: pixels as a tensor over the memory-mapped cache (or decoded), its masks (unless `masks` is
+    False: a Faster R-CNN's batch), in the orientation `flips` gives, and its instance arrays, copied, so what
+    the caller gets is its own."""
     parts = []
     for index, arrays in zip(batch, instances):
-        height, width = (int(side) for side in cache.sizes[index])
-        crops, bits, offsets = mask_bits(cache, index, arrays["masks"])
-        masks = mask_codec.decode(crops, bits, offsets, height, width, flip=bool(flips[index]))
         fields = {name: torch.from_numpy(arrays[name].copy()) for name in FIELDS if name != "bits"}
-        parts.append({"index": index, "pixels": image_pixels(cache, index), "masks": torch.from_numpy(masks), **fields})
+        part = {"index": index, "pixels": image_pixels(cache, index), **fields}
+        if masks:
+            height, width = (int(side) for side in cache.sizes[index])
+            crops, bits, offsets = mask_bits(cache, index, arrays["masks"])
+            decoded = mask_codec.decode(crops, bits, offsets, height, width, flip=bool(flips[index]))
+            part["masks"] = torch.from_numpy(decoded)
+        parts.append(part)
     return parts
 
 
@@ -141,9 +145,10 @@ def pack(cache, batch, instances, slot, decoded_elsewhere=()):
     return cursor
 
 
-def unpacked_parts(data, layout, flips, decoded=None):
-    """The parts _pack laid out, as views of `data` (the slot's bytes, on whichever device they now are), the
-    masks made there; pixels from `decoded` ({index: 3 x H x W image}) where _pack left them out."""
+def unpacked_parts(data, layout, flips, decoded=None, masks=True):
+    """The parts pack laid out, as views of `data` (the slot's bytes, on whichever device they now are), the
+    masks made there unless `masks` is False; pixels from `decoded` ({index: 3 x H x W image}) where pack left
+    them out."""
     parts = []
     for item in layout:
         height, width = item["size"]
@@ -153,8 +158,10 @@ def unpacked_parts(data, layout, flips, decoded=None):
             part["pixels"] = data[slice(*item["pixels"])].view(height, width, 3)
         else:
             part["pixels"] = decoded[item["index"]].permute(1, 2, 0)
-        flipped = bool(flips[item["index"]])
-        part["masks"] = paste_masks(part.pop("bits"), item["crops"], item["offsets"], height, width, flipped)
+        bits = part.pop("bits")
+        if masks:
+            flipped = bool(flips[item["index"]])
+            part["masks"] = paste_masks(bits, item["crops"], item["offsets"], height, width, flipped)
         parts.append(part)
     return parts
 
@@ -187,7 +194,7 @@ def slot_capacity(cache, batch_size):
     return int(pixels.sum()) * 3 + batch_size * (per_image + ALIGN)
 
 
-def copied_to_device(packed, free, flips, device):
+def copied_to_device(packed, free, flips, device, masks=True):
     """The parts of each packed batch, on `device`: batch k+1 is copied on a side stream while the caller works on
     batch k. `packed` yields (slot, bytes used, (decoded images, their event)); each slot goes back to `free`
     once its copy is queued (the packer waits on slot.copied before refilling it)."""
@@ -216,7 +223,7 @@ def copied_to_device(packed, free, flips, device):
                 image.record_stream(compute_stream)
         in_flight = start_copy(next(ready, None))
         free.put(slot)
-        yield unpacked_parts(data, layout, flips, decoded)
+        yield unpacked_parts(data, layout, flips, decoded, masks)
 
 
 class Stopped(Exception):

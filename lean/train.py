@@ -1,4 +1,5 @@
-"""python -m lean.train: fine-tune Mask R-CNN on a lean cache, as the tutorial does, faster and resumably.
+"""python -m lean.train: fine-tune Mask R-CNN (or with --task detect, Faster R-CNN) on a lean cache, as the
+tutorial does, faster and resumably.
 
 The tutorial's schedule by default (lean.optim). Under torchrun each process
 takes its shard of every epoch; --lr is the rate for the total batch (batch
@@ -27,7 +28,7 @@ from lean.engine import RunState, StopSignals, train_one_epoch
 from lean.errors import LeanError
 from lean.evaluate import evaluate
 from lean.loader import Loader
-from lean.model import BACKBONES, ModelSpec, create_model
+from lean.model import BACKBONES, TASKS, ModelSpec, create_model
 from lean.monitor import Monitor, NonFiniteLoss, TrainingLog
 from lean.optim import OPTIMIZERS, make_optimizer, make_scheduler
 from lean.pennfudan import PennFudanSource, default_root
@@ -57,10 +58,12 @@ def train(config, device, process):
         device = torch.device("cuda", process.local_rank)
     cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
     out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    task = config.task or "segment"
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
-                    rank=process.rank, world_size=process.world_size, dtype=torch.uint8)  # fmt: skip
+                    rank=process.rank, world_size=process.world_size, dtype=torch.uint8,
+                    masks=task == "segment")  # fmt: skip
     speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
-    spec, model = make_model(config, cache, speed, device, process)
+    spec, model = make_model(config, task, cache, speed, device, process)
     optimizer = make_optimizer(model, config.lr, config.optimizer, config.weight_decay)
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
@@ -94,12 +97,12 @@ def train(config, device, process):
                 loader.set_epoch(epoch, position.batch if epoch == position.epoch else 0)
                 iteration = train_one_epoch(trained, run_state, speed.amp, config.clip_grad, loader, epoch, iteration,
                                             total_iterations, monitor, log, stop)  # fmt: skip
-                segm_ap = None
+                main_ap = None
                 if process.main and not stop.received and evaluation_due(config, epoch, iteration >= total_iterations):
-                    report = evaluate(model, test_cache, test_indices, device, speed.amp)
+                    report = evaluate(model, test_cache, test_indices, device, speed.amp, metrics=spec.metrics)
                     log.evaluation(epoch, report)
-                    segm_ap = report["segm"]["AP"]
-                checkpointer.save(position_after(iteration, len(loader)), segm_ap)
+                    main_ap = report[spec.metrics[-1]]["AP"]
+                checkpointer.save(position_after(iteration, len(loader)), main_ap)
                 log.print(curves.update() if process.main else None)
                 if stop.received:
                     log.print(f"stopped by signal at epoch {epoch}, iteration {iteration}; saved {checkpointer.last}; "
@@ -188,11 +191,13 @@ def check_sizes(cache, config):
         raise LeanError(f"{cache.path}: image {cache.names[first]}{more}: {why}; leave it out of the dataset")
 
 
-def make_model(config, cache, speed, device, process):
-    """(ModelSpec, model on `device` with `speed` applied) for the cache's classes, from --backbone, --weights and
-    the sizes."""
+def make_model(config, task, cache, speed, device, process):
+    """(ModelSpec, model on `device` with `speed` applied) for the cache's classes and `task`, from --backbone,
+    --weights and the sizes."""
     pretrained = config.weights != "none"
-    spec = ModelSpec(config.backbone, cache.classes, config.min_size, config.max_size, pretrained, cache.category_ids)
+    spec = ModelSpec(
+        config.backbone, cache.classes, config.min_size, config.max_size, pretrained, cache.category_ids, task
+    )
     state = None
     if config.weights not in ("coco", "none"):
         try:
@@ -226,6 +231,8 @@ def parse_args(argv):
     )
     data.add_argument("--seed", type=int, default=defaults.seed, help="split, batch order, flips and initialisation")
     model = parser.add_argument_group("model")
+    model.add_argument("--task", choices=TASKS, help="segment: Mask R-CNN, boxes and masks (default); detect: "
+                       "Faster R-CNN, boxes alone, the tutorial's first model")  # fmt: skip
     model.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone)
     model.add_argument("--weights", default=defaults.weights, help="coco, none, or a state dict / lean checkpoint file")
     model.add_argument("--min-size", type=int, default=defaults.min_size)

@@ -93,3 +93,36 @@ def test_leans_five_losses_are_torchvisions_given_the_same_weights_batch_and_see
     assert set(got) == set(want) and len(want) == 5
     for name in want:
         torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-3, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["resnet50_fpn", "mobilenet_v2"])
+def test_leans_four_detection_losses_are_torchvisions_for_both_faster_rcnn_recipes(recipe):
+    """The tutorial's Faster R-CNN (fasterrcnn_resnet50_fpn's fine-tuning layout, and its MobileNetV2 recipe)
+    against lean's `detect` model given the same weights, batch and seed; the state dict is the same one."""
+    from bench.seed_pipeline import seed_detector, seed_mobilenet_detector
+    from lean.cache import Cache, build
+    from lean.loader import Loader
+    from lean.synthetic import SyntheticSource
+
+    torch.manual_seed(0)
+    reference = {"resnet50_fpn": seed_detector, "mobilenet_v2": seed_mobilenet_detector}[recipe](160, 256).train()
+    spec = ModelSpec(recipe, min_size=160, max_size=256, pretrained=recipe == "resnet50_fpn", task="detect")
+    model = create_model(spec, reference.state_dict()).train()
+    assert set(model.state_dict()) == set(reference.state_dict())  # so lean's weights load into torchvision's model
+    if recipe == "resnet50_fpn":
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+        torchvision_model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
+        torchvision_model.load_state_dict(model.state_dict())
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = Cache(build(SyntheticSource(4, seed=3), f"{scratch}/c.h5", workers=0, progress=False))
+        loader = Loader(cache, 2, shuffle=False, device="cpu", train=True, dtype=torch.uint8, masks=False)
+        images, targets = next(iter(loader))
+    assert all("masks" not in target for target in targets)
+    torch.manual_seed(1)  # the samplers draw from it: both models draw the same regions
+    got = model(images, targets)
+    torch.manual_seed(1)
+    want = reference([image.float() / 255 for image in images], targets)
+    assert set(got) == set(want) and len(want) == 4
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-3, atol=1e-3, msg=name)

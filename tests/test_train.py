@@ -427,3 +427,33 @@ def test_caches_without_an_instance_are_one_line_and_a_validation_cache_is_named
     assert one_line(status, stderr, "--val-cache", "no AP to measure")
     status, stdout, _ = run_train([*argv, "--no-eval", "--out", str(tmp_path / "c")], capsys)
     assert status == 0 and f"on 10 images (validating on 4 of {negatives})" in stdout
+
+
+def test_task_detect_trains_a_faster_rcnn_scored_drawn_and_kept_by_its_boxes(tiny, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from lean.evaluate import main as evaluate_main
+    from lean.predict import main as predict_main
+
+    out = tmp_path / "run"
+    argv = ["--cache", str(tiny), *SMALL, "--task", "detect", "--test-size", "2", "--epochs", "1", "--out", str(out)]
+    status, stdout, _ = run_train(argv, capsys)
+    assert status == 0 and "IoU metric: bbox" in stdout and "IoU metric: segm" not in stdout
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["model_spec"]["task"] == "detect" and not any("mask" in key for key in state["model"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("bbox" in record for record in records) and not any("segm" in record for record in records)
+    assert not any("loss_mask" in record for record in records)
+    assert state["best_ap"] == max(record["bbox"][0] for record in records if "bbox" in record)
+    status, stdout, _ = cli(evaluate_main, ["--checkpoint", str(out / "last.pt"), "--device", "cpu", "--json",
+                                            str(tmp_path / "s.json")], capsys)  # fmt: skip
+    assert status == 0 and "IoU metric: segm" not in stdout
+    assert set(json.loads((tmp_path / "s.json").read_text())) == {"bbox", "image_ids"}
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tmp_path / "photo.png")
+    argv = [str(tmp_path / "photo.png"), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "pictures"),
+            "--score-thresh", "0", "--device", "cpu"]  # fmt: skip
+    assert cli(predict_main, argv, capsys)[0] == 0 and (tmp_path / "pictures" / "photo.png").is_file()
+    resume = ["--cache", str(tiny), *SMALL, "--task", "segment", "--out", str(out), "--resume"]
+    status, _, stderr = run_train(resume, capsys)
+    assert one_line(status, stderr, "--task segment differs from the run's detect")
