@@ -57,6 +57,27 @@ def test_weights_for_another_number_of_classes_keep_all_but_their_predictors(cap
         create_model(PRETRAINED, coco_like)
 
 
+def _first_batch(device, masks=True):
+    """A batch of two synthetic images, as lean.train's Loader makes it (uint8 images)."""
+    from lean.cache import Cache, build
+    from lean.loader import Loader
+    from lean.synthetic import SyntheticSource
+
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = Cache(build(SyntheticSource(4, seed=3), f"{scratch}/c.h5", workers=0, progress=False))
+        loader = Loader(cache, 2, shuffle=False, device=device, train=True, dtype=torch.uint8, masks=masks)
+        return next(iter(loader))
+
+
+def _assert_torchvisions_losses(got, reference, images, targets, count):
+    """`got` equals the losses of torchvision's `reference` model on the batch, drawing regions from seed 1."""
+    torch.manual_seed(1)
+    want = reference([image.float() / 255 for image in images], targets)
+    assert set(got) == set(want) and len(want) == count
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-3, atol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
@@ -65,9 +86,6 @@ def test_leans_five_losses_are_torchvisions_given_the_same_weights_batch_and_see
     """lean's model (uint8 transform, SparseRoIAlign or its by-level CUDA path, folded norms, and on CUDA its
     speed settings but bf16 and canvases) against torchvision's as the tutorial builds it."""
     from bench.seed_pipeline import seed_model
-    from lean.cache import Cache, build
-    from lean.loader import Loader
-    from lean.synthetic import SyntheticSource
 
     device = torch.device(device)
     torch.manual_seed(0)
@@ -82,17 +100,11 @@ def test_leans_five_losses_are_torchvisions_given_the_same_weights_batch_and_see
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model.train()
-    with tempfile.TemporaryDirectory() as scratch:
-        cache = Cache(build(SyntheticSource(4, seed=3), f"{scratch}/c.h5", workers=0, progress=False))
-        images, targets = next(iter(Loader(cache, 2, shuffle=False, device=device, train=True, dtype=torch.uint8)))
+    images, targets = _first_batch(device)
     for _ in range(2):  # the second pass: graphs replayed, not recorded
         torch.manual_seed(1)  # the samplers draw from it: both models draw the same regions
         got = model(images, targets)
-    torch.manual_seed(1)
-    want = reference([image.float() / 255 for image in images], targets)
-    assert set(got) == set(want) and len(want) == 5
-    for name in want:
-        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-3, atol=1e-3, msg=name)
+    _assert_torchvisions_losses(got, reference, images, targets, 5)
 
 
 @pytest.mark.parametrize("recipe", ["resnet50_fpn", "mobilenet_v2"])
@@ -100,9 +112,6 @@ def test_leans_four_detection_losses_are_torchvisions_for_both_faster_rcnn_recip
     """The tutorial's Faster R-CNN (fasterrcnn_resnet50_fpn's fine-tuning layout, and its MobileNetV2 recipe)
     against lean's `detect` model given the same weights, batch and seed; the state dict is the same one."""
     from bench.seed_pipeline import seed_detector, seed_mobilenet_detector
-    from lean.cache import Cache, build
-    from lean.loader import Loader
-    from lean.synthetic import SyntheticSource
 
     torch.manual_seed(0)
     reference = {"resnet50_fpn": seed_detector, "mobilenet_v2": seed_mobilenet_detector}[recipe](160, 256).train()
@@ -114,15 +123,7 @@ def test_leans_four_detection_losses_are_torchvisions_for_both_faster_rcnn_recip
 
         torchvision_model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
         torchvision_model.load_state_dict(model.state_dict())
-    with tempfile.TemporaryDirectory() as scratch:
-        cache = Cache(build(SyntheticSource(4, seed=3), f"{scratch}/c.h5", workers=0, progress=False))
-        loader = Loader(cache, 2, shuffle=False, device="cpu", train=True, dtype=torch.uint8, masks=False)
-        images, targets = next(iter(loader))
+    images, targets = _first_batch("cpu", masks=False)
     assert all("masks" not in target for target in targets)
     torch.manual_seed(1)  # the samplers draw from it: both models draw the same regions
-    got = model(images, targets)
-    torch.manual_seed(1)
-    want = reference([image.float() / 255 for image in images], targets)
-    assert set(got) == set(want) and len(want) == 4
-    for name in want:
-        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-3, atol=1e-3, msg=name)
+    _assert_torchvisions_losses(model(images, targets), reference, images, targets, 4)
