@@ -9,6 +9,12 @@ from the file. Labels number the categories 1..K in id order, so two files with 
 (a train and a valid export) get the same labels; a placeholder category that no annotation uses and
 that is the supercategory of all the others (Roboflow writes one) gets none.
 
+Detection exports (no `segmentation`, or null, or []) give instances of boxes alone, their area from
+the file or the box. A file where every instance has a mask gives a cache with masks; one where any
+instance has none gives a cache of boxes alone (a Faster R-CNN's data), the masks of the others left
+out and counted: a Mask R-CNN cannot learn from instances without masks, and mixing the two would
+teach it that those objects are background.
+
 Skipped, and counted (as detectron2 does): rings of fewer than 3 points (an annotation left with no
 ring), annotations whose mask is empty, boxes with no area left after clipping. Anything else that is
 wrong is one line naming the file and the place in it.
@@ -31,6 +37,8 @@ from lean.images import read_header, read_rgb
 SKIP_FEW_POINTS = "annotations whose polygons all have fewer than 3 points"
 SKIP_EMPTY_MASK = "annotations whose mask is empty"
 SKIP_NO_BOX = "annotations whose box has no area left inside the image"
+SKIP_MIXED_MASKS = ("masks, as {boxes_alone} other annotations have none (the cache holds boxes alone: train it with "
+                    "--task detect)")  # fmt: skip
 
 
 class CocoSource:
@@ -74,6 +82,11 @@ class CocoSource:
             instance = _instance(annotation, image, self.path, place, self.skipped)
             if instance is not None:
                 self.annotations[index_of[image_id]].append({**instance, "label": label_of[category]})
+        instances = [instance for image_instances in self.annotations for instance in image_instances]
+        boxes_alone = sum(instance["rle"] is None for instance in instances)
+        self.masks = not boxes_alone  # every instance has its mask, or the cache holds boxes alone
+        if boxes_alone and len(instances) > boxes_alone:
+            self.skipped[SKIP_MIXED_MASKS.format(boxes_alone=boxes_alone)] = len(instances) - boxes_alone
         self.skipped = {why: count for why, count in self.skipped.items() if count}
 
     def __len__(self):
@@ -112,8 +125,12 @@ class CocoSource:
         if pixels.shape[:2] != (height, width):
             raise LeanError(f"{image['path']}: decodes to {pixels.shape[1]}x{pixels.shape[0]}, not {width}x{height}")
         instances = self.annotations[i]
-        parts = mask_codec.encode(mask_util.decode(instance["rle"]) for instance in instances)  # one at a time
+        if self.masks:
+            parts = mask_codec.encode(mask_util.decode(instance["rle"]) for instance in instances)  # one at a time
+        else:
+            parts = mask_codec.no_masks(len(instances))
         described = json.dumps([{key: v for key, v in instance.items() if key != "rle"} for instance in instances])
+        described += "" if self.masks else " boxes alone"
         digest = hashlib.sha256(hashlib.sha256(data).digest() + described.encode()).digest()
         return Example(
             (height, width),
@@ -246,15 +263,22 @@ def _images(data, path, folder):
 
 
 def _instance(annotation, image, path, place, skipped):
-    """An annotation's RLE, box, area and iscrowd, or None where it is skipped (counted in `skipped`)."""
+    """An annotation's RLE (None where it has no segmentation: a detection export's box alone), box, area and
+    iscrowd, or None where it is skipped (counted in `skipped`)."""
     height, width = image["height"], image["width"]
-    rle = _rle(_field(annotation, "segmentation", path, place), height, width, path, f"{place}.segmentation", skipped)
-    if rle is None:
-        return None
-    mask_area = int(mask_util.area(rle))
-    if mask_area == 0:
-        skipped[SKIP_EMPTY_MASK] += 1
-        return None
+    segmentation = annotation.get("segmentation")
+    if segmentation in (None, []):  # missing, null or [], as detection exports write it
+        if "bbox" not in annotation:
+            raise LeanError(f"{path}: {place}: neither a bbox nor a segmentation")
+        rle = mask_area = None
+    else:
+        rle = _rle(segmentation, height, width, path, f"{place}.segmentation", skipped)
+        if rle is None:
+            return None
+        mask_area = int(mask_util.area(rle))
+        if mask_area == 0:
+            skipped[SKIP_EMPTY_MASK] += 1
+            return None
     if "bbox" in annotation:
         box = annotation["bbox"]
         if not isinstance(box, list) or len(box) != 4:
@@ -267,7 +291,10 @@ def _instance(annotation, image, path, place, skipped):
     if x1 <= x0 or y1 <= y0:
         skipped[SKIP_NO_BOX] += 1
         return None
-    area = _number(annotation["area"], path, f"{place}.area") if "area" in annotation else mask_area
+    if "area" in annotation:
+        area = _number(annotation["area"], path, f"{place}.area")
+    else:  # the mask's, or the box's where there is none
+        area = mask_area if rle is not None else (x1 - x0) * (y1 - y0)
     if area < 0:  # pycocotools would leave the object out of every area range
         raise LeanError(f"{path}: {place}.area: {area!r} is negative")
     crowd = annotation.get("iscrowd", 0)

@@ -53,16 +53,18 @@ def ground_truth(cache, indices):
         height, width = (int(side) for side in cache.sizes[index])
         images.append({"id": int(index), "height": height, "width": width})
         fields = cache.instance_targets(index)
-        masks = cache.masks(index)
+        masks = cache.masks(index) if cache.has_masks else [None] * len(fields["boxes"])
         for box, area, label, crowd, mask in zip(
             fields["boxes"], fields["area"], fields["labels"], fields["iscrowd"], masks
         ):
             x0, y0, x1, y1 = box.tolist()
-            annotations.append({
+            annotation = {
                 "id": len(annotations) + 1, "image_id": int(index), "category_id": int(label),
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd),
-                "segmentation": _rle(mask),
-            })  # fmt: skip
+            }  # fmt: skip
+            if mask is not None:  # a cache of boxes alone is scored by its boxes
+                annotation["segmentation"] = _rle(mask)
+            annotations.append(annotation)
     categories = [{"id": label, "name": name} for label, name in enumerate(cache.classes, start=1)]
     return _coco({"images": images, "annotations": annotations, "categories": categories})
 
@@ -249,7 +251,8 @@ def main(argv=None):
     split = args.split or ("test" if path == config.cache else "all")
     indices = split_of(cache, split, config.seed, config.test_size)
     predictions = predict_split(model, cache, indices, device)
-    report = coco_eval(cache, indices, predictions, metrics=spec.metrics)
+    metrics = spec.metrics if cache.has_masks else ("bbox",)  # a cache of boxes alone has no masks to score
+    report = coco_eval(cache, indices, predictions, metrics=metrics)
     if args.results:
         results = json.dumps(in_source_terms(cache, detections(indices, predictions)))
         write_atomically(args.results, lambda temporary: temporary.write_text(results))

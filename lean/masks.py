@@ -36,6 +36,11 @@ def encode(masks):
     return np.array(crops, dtype=np.int64).reshape(-1, 4), bits, offsets
 
 
+def no_masks(count):
+    """What `encode` gives for `count` instances of boxes alone: empty crops, no bits."""
+    return np.zeros((count, 4), dtype=np.int64), np.zeros(0, dtype=np.uint8), np.zeros(count + 1, dtype=np.int64)
+
+
 def crop_of(bits, crop, flip=False):
     """The h x w uint8 crop that `bits` hold; `flip`: mirrored left to right, as a view whose rows are contiguous
     (the bits read backwards are the crop turned half a circle; its rows then come in reverse order), which

@@ -96,6 +96,7 @@ class PennFudanSource:
     classes = ("person",)
     category_ids = (1,)
     box_end = "inclusive"  # the tutorial's boxes: x1 is the last column a mask covers
+    masks = True
 
     def __init__(self, root):
         self.root = Path(root)

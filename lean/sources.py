@@ -22,6 +22,7 @@ class Source(Protocol):
     classes: tuple[str, ...]  # label k is classes[k - 1]
     category_ids: tuple[int, ...]  # each class's id in the source
     box_end: str  # "inclusive" (x1 is the last column covered, the tutorial's) or "exclusive" (x + w, COCO's)
+    masks: bool  # whether its instances carry masks, or are boxes alone (a detection dataset)
     skipped: dict[str, int]  # what the source left out, and why, with counts; {} where it keeps everything
 
     def __len__(self) -> int: ...
@@ -56,7 +57,8 @@ def open_source(params, root=None, annotations=None, images=None, download=False
 
     kind = params.get("source")
     if kind == "synthetic":
-        return SyntheticSource(params["num_images"], params["seed"], params.get("classes", 1))
+        return SyntheticSource(params["num_images"], params["seed"], params.get("classes", 1),
+                               params.get("boxes_only", False))  # fmt: skip
     if kind == "coco":
         annotations = Path(annotations or params["annotations"])
         folder = images or params.get("images")

@@ -12,12 +12,14 @@ Small images and strong shapes make either learnable by Mask R-CNN from
 scratch in minutes on a CPU.
 """
 
+import dataclasses
 import hashlib
 import io
 
 import numpy as np
 from PIL import Image
 
+from lean import masks as mask_codec
 from lean.example import Example, from_instance_map
 from lean.targets import areas_of, boxes_of_masks, compact_instance_map
 
@@ -143,10 +145,11 @@ class SyntheticSource:
     kind = "synthetic"
     box_end = "inclusive"  # boxes as the Penn-Fudan source derives them
 
-    def __init__(self, num_images, seed, classes=1):
+    def __init__(self, num_images, seed, classes=1, boxes_only=False):
         if not 1 <= classes <= len(KINDS):
             raise ValueError(f"{classes} classes: the synthetic source draws 1 to {len(KINDS)} kinds of figure")
         self.num_images, self.seed, self.num_classes = int(num_images), int(seed), int(classes)
+        self.masks = not boxes_only  # with boxes_only, a detection dataset: the same figures, boxes alone
         self.classes = KINDS[: self.num_classes]
         self.category_ids = tuple(range(1, self.num_classes + 1))
         self.names = [f"Synthetic{seed:04d}_{i:05d}" for i in range(self.num_images)]
@@ -157,7 +160,9 @@ class SyntheticSource:
 
     def params(self):
         params = {"source": self.kind, "num_images": self.num_images, "seed": self.seed}
-        return params if self.num_classes == 1 else {**params, "classes": self.num_classes}
+        if self.num_classes != 1:
+            params["classes"] = self.num_classes
+        return params if self.masks else {**params, "boxes_only": True}
 
     def source_ids(self):
         return list(range(self.num_images))
@@ -179,6 +184,13 @@ class SyntheticSource:
         )
 
     def load(self, i, encoded=False):
+        example = self._drawn(i, encoded)
+        if self.masks:
+            return example
+        return dataclasses.replace(example, masks=None, mask_parts=mask_codec.no_masks(len(example.boxes)),
+                                   digest=hashlib.sha256(example.digest + b"boxes alone").digest())  # fmt: skip
+
+    def _drawn(self, i, encoded):
         if self.num_classes == 1:
             image, id_map = synthesize(self.seed, i)
             digest = hashlib.sha256(image.tobytes() + id_map.tobytes()).digest()

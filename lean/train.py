@@ -58,7 +58,7 @@ def train(config, device, process):
         device = torch.device("cuda", process.local_rank)
     cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
     out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    task = config.task or "segment"
+    task = run_task(config, cache, test_cache)
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8,
                     masks=task == "segment")  # fmt: skip
@@ -179,6 +179,17 @@ def datasets(config):
         where = "--test-size" if config.test_size is not None else f"--cache {cache.path}"  # the user's word
         raise LeanError(f"{where}: {error}") from None
     return cache, train_indices, cache, test_indices
+
+
+def run_task(config, cache, val):
+    """--task, or by default the cache's: segment where it has masks, detect where it holds boxes alone; one line
+    where a cache cannot serve the task asked for."""
+    task = config.task or ("segment" if cache.has_masks else "detect")
+    for flag, data in (("--cache", cache), ("--val-cache", val)):
+        if task == "segment" and not data.has_masks:
+            raise LeanError(f"{flag} {data.path}: holds boxes alone, no masks to train or score a Mask R-CNN on; "
+                            "train a Faster R-CNN with --task detect")  # fmt: skip
+    return task
 
 
 def check_sizes(cache, config):

@@ -100,6 +100,7 @@ class ArraySource:
     classes = ("person",)
     category_ids = (1,)
     box_end = "inclusive"
+    masks = True
 
     def __init__(self, examples, fail_at=None, failure=LeanError):
         self.examples, self.fail_at, self.failure = examples, fail_at, failure

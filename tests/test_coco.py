@@ -407,3 +407,54 @@ def test_a_dense_image_is_loaded_one_mask_at_a_time(tmp_path):
     crops, _, _ = example.encoded_masks()
     assert len(crops) == count and crops[:, 2:].tolist() == [[20, 20]] * count
     assert peak < 60 * side * side  # all N x H x W masks at once: 300 MB; one at a time: a few images' worth
+
+
+def test_a_detection_export_builds_a_cache_of_boxes_alone(tmp_path, capsys):
+    images = [{"id": k + 1, "file_name": f"{k}.png", "width": 40, "height": 30} for k in range(3)]
+    box_only = [annotation(1, image_id=1), annotation(2, image_id=2), annotation(3, image_id=3, bbox=[2, 3, 10, 6])]
+    del box_only[0]["segmentation"]  # as CVAT writes a detection export
+    box_only[1]["segmentation"] = None
+    box_only[2]["segmentation"] = []  # as Roboflow writes it
+    path = write_coco(tmp_path / "d", dataset(box_only, images))
+    out = tmp_path / "c.h5"
+    command = ["build", "--source", "coco", "--annotations", str(path), "--workers", "0", "--out", str(out)]
+    status, stdout, _ = cli(cache_main, command, capsys)
+    assert status == 0 and "boxes alone" in stdout
+    cache = Cache(out)
+    assert not cache.has_masks and int(cache.mask_offsets[-1]) == 0 and not cache.mask_crops.any()
+    assert cache.instance_targets(2)["boxes"].tolist() == [[2, 3, 12, 9]] and cache.instance_targets(2)["area"] == 60
+    assert "none: boxes alone" in cli(cache_main, ["info", str(out)], capsys)[1]
+    assert cli(cache_main, ["verify", str(out)], capsys)[0] == 0
+
+
+def test_a_file_mixing_masks_and_boxes_alone_gives_boxes_alone_and_counts_the_masks_left_out(tmp_path, capsys):
+    box_only = annotation(2)
+    box_only["segmentation"] = []
+    path = write_coco(tmp_path / "d", dataset([annotation(1), box_only, annotation(3)]))
+    source = CocoSource(path)
+    assert not source.masks
+    assert source.skipped == {"masks, as 1 other annotations have none (the cache holds boxes alone: train it with "
+                              "--task detect)": 2}  # fmt: skip
+
+
+def test_an_annotation_with_neither_a_box_nor_a_segmentation_is_one_line(tmp_path):
+    bare = annotation(1)
+    del bare["segmentation"], bare["bbox"]
+    with pytest.raises(LeanError, match=r"annotations\[0\]: neither a bbox nor a segmentation"):
+        CocoSource(write_coco(tmp_path / "d", dataset([bare])))
+
+
+def test_a_cache_of_boxes_alone_exports_without_segmentations_and_builds_the_same_targets(tmp_path, capsys):
+    from lean.synthetic import SyntheticSource
+
+    original = Cache(build(SyntheticSource(6, seed=2, boxes_only=True), tmp_path / "o.h5", workers=0, progress=False))
+    assert not original.has_masks
+    assert cli(cache_main, ["export", original.path, "--coco", str(tmp_path / "export")], capsys)[0] == 0
+    exported = json.loads((tmp_path / "export" / "annotations.json").read_text())
+    assert exported["annotations"] and not any("segmentation" in a for a in exported["annotations"])
+    again = Cache(build(CocoSource(tmp_path / "export" / "annotations.json"), tmp_path / "a.h5", workers=0,
+                        progress=False))  # fmt: skip
+    assert not again.has_masks
+    for i in range(len(original)):
+        for field, values in original.instance_targets(i).items():
+            assert np.array_equal(again.instance_targets(i)[field], values), field

@@ -457,3 +457,18 @@ def test_task_detect_trains_a_faster_rcnn_scored_drawn_and_kept_by_its_boxes(tin
     resume = ["--cache", str(tiny), *SMALL, "--task", "segment", "--out", str(out), "--resume"]
     status, _, stderr = run_train(resume, capsys)
     assert one_line(status, stderr, "--task segment differs from the run's detect")
+
+
+def test_a_cache_of_boxes_alone_trains_a_faster_rcnn_by_default_and_refuses_a_mask_rcnn(tmp_path, capsys):
+    boxes = build(SyntheticSource(10, seed=4, boxes_only=True), tmp_path / "boxes.h5", workers=0, progress=False)
+    masks = build(SyntheticSource(4, seed=5), tmp_path / "masks.h5", workers=0, progress=False)
+    status, _, stderr = run_train(["--cache", str(boxes), *QUICK, "--task", "segment", "--out", str(tmp_path / "a")],
+                                  capsys)  # fmt: skip
+    assert one_line(status, stderr, f"--cache {boxes}: holds boxes alone", "--task detect")
+    argv = ["--cache", str(masks), "--val-cache", str(boxes), *SMALL, "--max-iters", "1", "--out", str(tmp_path / "b")]
+    assert one_line(*run_train(argv, capsys)[::2], f"--val-cache {boxes}: holds boxes alone")
+    out = tmp_path / "c"
+    status, stdout, _ = run_train(["--cache", str(boxes), *SMALL, "--test-size", "2", "--max-iters", "2", "--out",
+                                   str(out)], capsys)  # fmt: skip
+    assert status == 0 and "IoU metric: bbox" in stdout and "IoU metric: segm" not in stdout
+    assert torch.load(out / "last.pt", weights_only=True)["model_spec"]["task"] == "detect"

@@ -48,6 +48,7 @@ def parse_args(argv):
     make.add_argument("--num-images", type=int, default=200, help="synthetic source: how many images")
     make.add_argument("--seed", type=int, default=0, help="synthetic source: which images")
     make.add_argument("--classes", type=int, default=1, help=f"synthetic source: kinds of figure, 1 to {len(KINDS)}")
+    make.add_argument("--boxes-only", action="store_true", help="synthetic source: boxes alone, as a detection export")
 
     describe = commands.add_parser("info", help="what a cache holds")
     describe.add_argument("path", type=Path)
@@ -74,6 +75,9 @@ def parse_args(argv):
             parser.error(f"argument --classes: must be 1 to {len(KINDS)}, got {args.classes}")
         if args.source != "synthetic" and args.classes != 1:
             parser.error("argument --classes: applies to --source synthetic only")
+        if args.source != "synthetic" and args.boxes_only:
+            parser.error("argument --boxes-only: applies to --source synthetic only (a COCO file without "
+                         "segmentations gives boxes alone by itself)")  # fmt: skip
         if args.source != "pennfudan" and args.root is not None:
             parser.error("argument --root: applies to --source pennfudan only")
         if (args.source == "coco") != (args.annotations is not None):
@@ -86,7 +90,8 @@ def parse_args(argv):
 def build_params(args):
     """The build's arguments as the params a cache records of its source."""
     if args.source == "synthetic":
-        return {"source": "synthetic", "num_images": args.num_images, "seed": args.seed, "classes": args.classes}
+        return {"source": "synthetic", "num_images": args.num_images, "seed": args.seed, "classes": args.classes,
+                "boxes_only": args.boxes_only}  # fmt: skip
     if args.source == "coco":
         return {"source": "coco", "annotations": args.annotations, "images": args.images}
     return {"source": "pennfudan", "root": args.root}
@@ -97,7 +102,8 @@ def command_build(args):
     out = args.out or (args.annotations.with_suffix(".h5") if args.source == "coco" else DEFAULT_OUT[args.source])
     build(source, out, workers=args.workers, pixels=args.pixels)
     skipped = "".join(f"; skipped {count} {why}" for why, count in source.skipped.items())
-    print(f"wrote {out} ({len(source)} images{skipped})")
+    kind = "" if source.masks else ", boxes alone"
+    print(f"wrote {out} ({len(source)} images{kind}{skipped})")
 
 
 def command_info(args):
@@ -120,7 +126,12 @@ def command_info(args):
             f"{len(boxes)} ({per_image.min()}-{per_image.max()} per image, {negatives} images without any, "
             f"{crowd} crowd)",
         ),
-        ("masks", f"{cache.mask_offsets[-1] / 2**20:.2f} MiB, each cropped to its box and bit-packed"),
+        (
+            "masks",
+            f"{cache.mask_offsets[-1] / 2**20:.2f} MiB, each cropped to its box and bit-packed"
+            if cache.has_masks
+            else "none: boxes alone (train with --task detect)",
+        ),
         (
             "classes",
             ", ".join(f"{label} {name} (id {category}, {count} instances)" for label, name, category, count in classes),

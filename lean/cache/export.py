@@ -45,12 +45,14 @@ def export_coco(cache, folder, progress=None):
         fields = cache.instance_targets(i)
         for box, area, label, crowd, mask in zip(*fields.values(), cache.masks(i)):
             x0, y0, x1, y1 = (float(v) for v in box)
-            rle = mask_util.encode(np.asfortranarray(mask))
-            annotations.append({
+            annotation = {
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": cache.category_ids[int(label) - 1],
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd),
-                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-            })  # fmt: skip
+            }  # fmt: skip
+            if cache.has_masks:  # a cache of boxes alone exports as a detection dataset: no segmentation
+                rle = mask_util.encode(np.asfortranarray(mask))
+                annotation["segmentation"] = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+            annotations.append(annotation)
         if progress:
             progress.update()
     categories = [{"id": int(c), "name": name} for c, name in zip(cache.category_ids, cache.classes)]

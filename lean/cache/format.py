@@ -9,7 +9,9 @@ memory-map the large ones straight from disk:
               source's category category_ids[k - 1]), pixels ("raw" or
               "encoded"), box_end ("inclusive": x1 is the last column covered,
               the tutorial's; "exclusive": x + w, COCO's), skipped (JSON: what
-              the source left out, and why, with counts)
+              the source left out, and why, with counts), has_masks (False:
+              a detection dataset's boxes alone, every crop empty, no bits;
+              missing in caches built before 2026-11-29, which all have masks)
     names             (N,)     str      the source's name of each image
     source_ids        (N,)     int64    the source's id of each image
     sizes             (N, 2)   int64    (height, width)

@@ -34,6 +34,7 @@ class Cache:
             self.skipped = _json_attribute(attrs, "skipped", dict, self.path)
             self.stored = str(attrs["pixels"])  # "raw" or "encoded"
             self.box_end = str(attrs["box_end"])
+            self.has_masks = bool(attrs.get("has_masks", True))  # False: boxes alone, a detection dataset
             self.names = [name.decode() if isinstance(name, bytes) else name for name in handle["names"][:]]
             self.source_ids = handle["source_ids"][:]
             self.sizes = handle["sizes"][:]

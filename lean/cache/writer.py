@@ -164,6 +164,7 @@ def build(source, out, workers=None, progress=True, pixels=None):
                 category_ids=json.dumps([int(c) for c in source.category_ids]),
                 pixels=pixels,
                 box_end=source.box_end,
+                has_masks=bool(source.masks),
                 skipped=json.dumps(source.skipped),
             )
         with open(temporary, "rb+") as synced:
