@@ -46,6 +46,8 @@ def parse_args(argv):
         default=True,
         help="also time lean with its backbone compiled by inductor (lean.train --compile inductor)",
     )
+    parser.add_argument("--tasks", nargs="+", choices=["segment", "detect"], default=["segment", "detect"],
+                        help="train section: the Mask R-CNN step, the Faster R-CNN step, or both")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -78,6 +80,7 @@ def main(argv=None):
                 torch.device(args.device),
                 args.inductor,
                 Path(scratch),
+                args.tasks,
             ),
         }
         for name in ("data", "coco", "eval", "train"):

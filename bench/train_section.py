@@ -1,4 +1,5 @@
-"""The train section: the tutorial's training step against lean.train's, from the same weights, side by side."""
+"""The train section: the tutorial's training step against lean.train's, from the same weights, side by side: its
+Mask R-CNN against lean's segment model, and its Faster R-CNN (the tutorial's first model) against lean's detect."""
 
 import dataclasses
 import statistics
@@ -6,19 +7,22 @@ import statistics
 import torch
 
 from bench.common import epochs, scratch_cache, time_steps
-from bench.seed_pipeline import seed_loader, seed_model, seed_step
+from bench.seed_pipeline import seed_detector, seed_loader, seed_model, seed_step
 from lean.engine import train_step
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
 from lean.optim import make_optimizer, make_scheduler
 from lean.speed import Speed
 
+SEED_MODELS = {"segment": seed_model, "detect": seed_detector}  # the tutorial's Mask R-CNN and Faster R-CNN
 
-def seed_training(root, device, min_size, max_size):
-    """(step, batches, weights): the tutorial's step (torchvision's resnet50_fpn, eager fp32, SGD at lr 0) from
-    a fixed random init, its Dataset + DataLoader's batches without end, and the init's weights."""
+
+def seed_training(root, device, min_size, max_size, task="segment"):
+    """(step, batches, weights): the tutorial's step (torchvision's resnet50_fpn Mask R-CNN, or Faster R-CNN for
+    `task` detect, eager fp32, SGD at lr 0) from a fixed random init, its Dataset + DataLoader's batches without
+    end (masks and all, as the tutorial's Dataset makes them for either model), and the init's weights."""
     torch.manual_seed(0)
-    model = seed_model(min_size, max_size).to(device).train()
+    model = SEED_MODELS[task](min_size, max_size).to(device).train()
     weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
     optimizer = make_optimizer(model, 0.0, fused=False)  # the tutorial's SGD, as torch configures it by default
 
@@ -28,18 +32,20 @@ def seed_training(root, device, min_size, max_size):
     return step, epochs(lambda _: seed_loader(root, batch_size=2, workers=2, shuffle=True, train=True)), weights
 
 
-def lean_training(cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None):
-    """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn from `weights` (a state dict; if
-    not given, the seed model's fixed random init) with `speed` (default: lean's for the device), and the
-    Loader's batches without end."""
+def lean_training(
+    cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None, task="segment"
+):
+    """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn (a Mask R-CNN, or for `task`
+    detect a Faster R-CNN) from `weights` (a state dict; if not given, the seed model's fixed random init) with
+    `speed` (default: lean's for the device), and the Loader's batches without end."""
     if weights is None:
         torch.manual_seed(0)
-        weights = seed_model(min_size, max_size).state_dict()
+        weights = SEED_MODELS[task](min_size, max_size).state_dict()
     speed = speed or Speed.for_device(device)
-    spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size)  # the fine-tuning layout
+    spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, task=task)  # the fine-tuning layout
     model = create_model(spec, weights, speed, device).train()
     optimizer = make_optimizer(model, lr, fused=fused)
-    loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8)
+    loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8, masks=spec.masks)
     scheduler = make_scheduler(optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
 
@@ -68,9 +74,10 @@ def lean_variants(device, inductor):
     return variants
 
 
-def train_section(root, steps, warmup, min_size, max_size, device, inductor, scratch):
+def train_section(root, steps, warmup, min_size, max_size, device, inductor, scratch, tasks=("segment", "detect")):
     """Steady-state images/s, the tutorial's pipeline (seed data path, eager fp32 Mask R-CNN) against lean.train's
-    step in each of lean_variants; yields each row as soon as it is measured.
+    step in each of lean_variants, and for `tasks` holding detect, its Faster R-CNN against lean's detect step
+    with lean's defaults; yields each row as soon as it is measured.
 
     Both fine-tune torchvision's resnet50_fpn Mask R-CNN in the layout its COCO weights give it, from the
     same random weights, with SGD at learning rate 0 (a real step's work on weights that stay put, so step
@@ -79,24 +86,35 @@ def train_section(root, steps, warmup, min_size, max_size, device, inductor, scr
     over their median, warm-up and timed steps together (a new canvas compiles when first met).
     docs/performance.md has the method's reasons.
     """
+    for task in tasks:
+        yield from _task_rows(root, steps, warmup, min_size, max_size, device, inductor, scratch, task)
+
+
+def _task_rows(root, steps, warmup, min_size, max_size, device, inductor, scratch, task):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size)
+    seed_step, seed_batches, weights = seed_training(root, device, min_size, max_size, task)
     seed_waits, seed_totals = time_steps(seed_step, seed_batches, warmup + steps, sync)
     seed_rate = 2 / statistics.median(seed_totals[warmup:])
     seed_wait = 100 * sum(seed_waits[warmup:]) / sum(seed_totals[warmup:])
     del seed_step, seed_batches
 
     cache = scratch_cache(root, scratch)
-    for label, (speed, fused) in lean_variants(device, inductor).items():
-        lean_step, lean_batches = lean_training(cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused)
+    variants = lean_variants(device, inductor)
+    if task == "detect":  # lean's defaults alone: the variants' figures are the segment model's
+        variants = dict(list(variants.items())[:1])
+    model = "Mask R-CNN" if task == "segment" else "Faster R-CNN"
+    for label, (speed, fused) in variants.items():
+        lean_step, lean_batches = lean_training(
+            cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused, task=task
+        )
         waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median
         where = f"{device.type}, {min_size}/{max_size} px"
         yield (
             "train",
-            f"images/s, median of {steps} steps ({where}; {label})",
-            "seed Dataset + eager fp32 Mask R-CNN",
+            f"{model} images/s, median of {steps} steps ({where}; {label})",
+            f"seed Dataset + eager fp32 {model}",
             seed_rate,
             rate,
             rate / seed_rate,
@@ -104,7 +122,7 @@ def train_section(root, steps, warmup, min_size, max_size, device, inductor, scr
         wait = 100 * sum(waits[warmup:]) / sum(totals[warmup:])
         yield (
             "train",
-            f"waiting for data, % of step time ({label})",
+            f"{model} waiting for data, % of step time ({label})",
             "seed DataLoader, 2 workers",
             seed_wait,
             wait,
