@@ -50,3 +50,17 @@ def test_a_tampered_file_in_torchs_download_cache_is_refused_not_run(tmp_path, m
     with pytest.raises(WeightsUnavailable, match="ImageNet weights file there holds more than tensors"):
         create_model(spec, download=True)
     assert RAN == [] and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_a_detect_model_downloads_torchvisions_faster_rcnn_coco_weights(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save({"weight": Payload()}, cached)  # the file the detect model asks torch.hub for, and no other
+    spec = ModelSpec("resnet50_fpn", min_size=128, max_size=224, task="detect")
+    with pytest.raises(WeightsUnavailable, match="COCO weights file there holds more than tensors"):
+        create_model(spec, download=True)
+    assert RAN == []
