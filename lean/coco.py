@@ -22,7 +22,6 @@ wrong is one line naming the file and the place in it.
 
 import hashlib
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from lean import masks as mask_codec
+from lean.coco_fields import field, integer, number, read_json, record_list
 from lean.errors import LeanError
 from lean.example import Example
 from lean.images import read_header, read_rgb
@@ -50,14 +50,14 @@ class CocoSource:
         self.folder = Path(images) if images is not None else self.path.parent
         if not self.folder.is_dir():
             raise LeanError(f"{self.folder}: no such folder of images")
-        data = _read_json(self.path)
+        data = read_json(self.path)
         self.skipped = Counter()
         categories = _categories(data, self.path)
-        annotations = _list(data, "annotations", self.path)
+        annotations = record_list(data, "annotations", self.path)
         for k, annotation in enumerate(annotations):
             if not isinstance(annotation, dict):
                 raise LeanError(f"{self.path}: annotations[{k}] is not an object")
-        used = {_int(a, "category_id", self.path, f"annotations[{k}]") for k, a in enumerate(annotations)}
+        used = {integer(a, "category_id", self.path, f"annotations[{k}]") for k, a in enumerate(annotations)}
         placeholder = _placeholder(categories, used)
         if placeholder is not None:
             self.skipped[f"placeholder category {placeholder['id']} {placeholder['name']!r} (no annotation uses it; "
@@ -72,10 +72,10 @@ class CocoSource:
         self.annotations = [[] for _ in self.images]  # per image, in the file's order: (annotation, its place)
         for k, annotation in enumerate(annotations):
             place = f"annotations[{k}]"
-            image_id = _int(annotation, "image_id", self.path, place)
+            image_id = integer(annotation, "image_id", self.path, place)
             if image_id not in index_of:
                 raise LeanError(f"{self.path}: {place}.image_id: no image has id {image_id}")
-            category = _int(annotation, "category_id", self.path, place)
+            category = integer(annotation, "category_id", self.path, place)
             if category not in label_of:
                 raise LeanError(f"{self.path}: {place}.category_id: no category has id {category}")
             image = self.images[index_of[image_id]]
@@ -146,67 +146,14 @@ class CocoSource:
         )
 
 
-def _read_json(path):
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows tools write, is read past
-    except FileNotFoundError:
-        raise LeanError(f"{path}: no such annotation file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise LeanError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LeanError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    except RecursionError:
-        raise LeanError(f"{path}: not a COCO annotation file (its JSON is nested too deep to read)") from None
-    if not isinstance(data, dict):
-        raise LeanError(f"{path}: not a COCO annotation file (a JSON {type(data).__name__}, not an object)")
-    return data
-
-
-def _list(data, key, path):
-    if key not in data:
-        raise LeanError(f"{path}: no {key!r} list (not a COCO annotation file?)")
-    if not isinstance(data[key], list):
-        raise LeanError(f"{path}: {key} is not a list")
-    return data[key]
-
-
-def _field(record, key, path, place):
-    if key not in record:
-        raise LeanError(f"{path}: {place}: no {key!r}")
-    return record[key]
-
-
-def _number(value, path, place):
-    """A JSON number, or a string holding one (Roboflow writes some so)."""
-    if isinstance(value, bool):
-        raise LeanError(f"{path}: {place}: {value!r} is not a number")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise LeanError(f"{path}: {place}: {value!r} is not a number") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LeanError(f"{path}: {place}: {value!r} is not a number")
-    return value
-
-
-def _int(record, key, path, place):
-    value = _number(_field(record, key, path, place), path, f"{place}.{key}")
-    if value != int(value):
-        raise LeanError(f"{path}: {place}.{key}: {value!r} is not a whole number")
-    return int(value)
-
-
 def _categories(data, path):
     categories = []
-    for k, category in enumerate(_list(data, "categories", path)):
+    for k, category in enumerate(record_list(data, "categories", path)):
         place = f"categories[{k}]"
         if not isinstance(category, dict):
             raise LeanError(f"{path}: {place} is not an object")
-        name = _field(category, "name", path, place)
-        categories.append({"id": _int(category, "id", path, place), "name": str(name),
+        name = field(category, "name", path, place)
+        categories.append({"id": integer(category, "id", path, place), "name": str(name),
                            "supercategory": category.get("supercategory")})  # fmt: skip
     ids = [c["id"] for c in categories]
     if len(set(ids)) != len(ids):
@@ -233,17 +180,17 @@ def _placeholder(categories, used):
 def _images(data, path, folder):
     images, seen = [], set()
     root = folder.resolve()
-    for k, record in enumerate(_list(data, "images", path)):
+    for k, record in enumerate(record_list(data, "images", path)):
         place = f"images[{k}]"
         if not isinstance(record, dict):
             raise LeanError(f"{path}: {place} is not an object")
-        image_id = _int(record, "id", path, place)
+        image_id = integer(record, "id", path, place)
         if not -(2**63) <= image_id < 2**63:  # the cache keeps ids as int64
             raise LeanError(f"{path}: {place}.id: {image_id} is past the 64-bit range lean keeps ids in")
         if image_id in seen:
             raise LeanError(f"{path}: {place}.id: {image_id} is given twice")
         seen.add(image_id)
-        name = _field(record, "file_name", path, place)
+        name = field(record, "file_name", path, place)
         if not isinstance(name, str) or not name:
             raise LeanError(f"{path}: {place}.file_name: {name!r} is not a file name")
         try:
@@ -254,7 +201,7 @@ def _images(data, path, folder):
             raise LeanError(f"{path}: {place}.file_name: {name!r} is outside {folder}")
         if not file.is_file():
             raise LeanError(f"{folder / name}: no such image file ({path} lists it as {place})")
-        height, width = _int(record, "height", path, place), _int(record, "width", path, place)
+        height, width = integer(record, "height", path, place), integer(record, "width", path, place)
         if height < 1 or width < 1:
             raise LeanError(f"{path}: {place}: size {width}x{height} is empty")
         images.append({"id": image_id, "file_name": name, "path": folder / name, "height": height, "width": width,
@@ -283,7 +230,7 @@ def _instance(annotation, image, path, place, skipped):
         box = annotation["bbox"]
         if not isinstance(box, list) or len(box) != 4:
             raise LeanError(f"{path}: {place}.bbox: {box!r} is not [x, y, width, height]")
-        x, y, w, h = (_number(v, path, f"{place}.bbox") for v in box)
+        x, y, w, h = (number(v, path, f"{place}.bbox") for v in box)
     else:
         x, y, w, h = (float(v) for v in mask_util.toBbox(rle))
     x0, x1 = min(max(x, 0), width), min(max(x + w, 0), width)
@@ -292,13 +239,13 @@ def _instance(annotation, image, path, place, skipped):
         skipped[SKIP_NO_BOX] += 1
         return None
     if "area" in annotation:
-        area = _number(annotation["area"], path, f"{place}.area")
+        area = number(annotation["area"], path, f"{place}.area")
     else:  # the mask's, or the box's where there is none
         area = mask_area if rle is not None else (x1 - x0) * (y1 - y0)
     if area < 0:  # pycocotools would leave the object out of every area range
         raise LeanError(f"{path}: {place}.area: {area!r} is negative")
     crowd = annotation.get("iscrowd", 0)
-    crowd = crowd if isinstance(crowd, bool) else _number(crowd, path, f"{place}.iscrowd")  # "1" as 1, like the rest
+    crowd = crowd if isinstance(crowd, bool) else number(crowd, path, f"{place}.iscrowd")  # "1" as 1, like the rest
     if crowd not in (0, 1):  # True and False are 1 and 0
         raise LeanError(f"{path}: {place}.iscrowd: {annotation.get('iscrowd')!r} is neither 0 nor 1")
     return {"rle": rle, "box": [x0, y0, x1, y1], "area": float(area), "iscrowd": int(crowd)}
@@ -311,7 +258,7 @@ def _rle(segmentation, height, width, path, place, skipped):
         for r, ring in enumerate(segmentation):
             if not isinstance(ring, list) or len(ring) % 2:
                 raise LeanError(f"{path}: {place}[{r}]: a polygon is a flat list of x, y pairs")
-            rings.append([float(_number(v, path, f"{place}[{r}]")) for v in ring])
+            rings.append([float(number(v, path, f"{place}[{r}]")) for v in ring])
             _check_reach(rings[-1], height, width, path, f"{place}[{r}]")
         rings = [ring for ring in rings if len(ring) >= 6]
         if not rings:
@@ -320,7 +267,7 @@ def _rle(segmentation, height, width, path, place, skipped):
         return mask_util.merge(mask_util.frPyObjects(rings, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation:
         size = segmentation.get("size")
-        if not isinstance(size, list) or [_number(v, path, f"{place}.size") for v in size] != [height, width]:
+        if not isinstance(size, list) or [number(v, path, f"{place}.size") for v in size] != [height, width]:
             raise LeanError(f"{path}: {place}.size: {size!r}, but the image is {height} x {width} (height, width)")
         counts = segmentation["counts"]
         if isinstance(counts, list):  # uncompressed

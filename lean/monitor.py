@@ -149,7 +149,7 @@ class TrainingLog:
         self.enabled, self.path, self.metrics = enabled, metrics_path, None
         if metrics_path and enabled:
             self.metrics = self._guarded(lambda: metrics_path.open("a" if resumed else "w"))
-            if resumed and self.metrics.tell() > 0 and not metrics_path.read_bytes().endswith(b"\n"):
+            if resumed and self.metrics.tell() > 0 and _last_byte(metrics_path) != b"\n":
                 self._write("\n")  # a killed run's half line stays half a line: the next record starts afresh
 
     def _guarded(self, action):
@@ -212,3 +212,9 @@ class TrainingLog:
     def record(self, entry):
         if self.metrics:
             self._write(json.dumps(entry) + "\n")
+
+
+def _last_byte(path):
+    with open(path, "rb") as file:
+        file.seek(-1, 2)
+        return file.read(1)
