@@ -280,3 +280,40 @@ def test_a_split_that_cannot_be_made_is_one_line_and_all_needs_none(run_dir, tmp
     assert cli(evaluate_main, [*base, "--split", "all"], capsys)[0] == 0
     status, _, stderr = cli(evaluate_main, [*base, "--split", "test"], capsys)
     assert status == 2 and "--split test:" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_detection_exports_results_score_with_pycocotools_as_lean_scores_them(tmp_path):
+    categories = [{"id": 17, "name": "b"}, {"id": 4, "name": "a"}]
+    images = [{"id": 700 + k, "file_name": f"i{k}.png", "width": 60, "height": 48} for k in range(3)]
+    rng = np.random.default_rng(1)
+    annotations = []
+    for k, image in enumerate(images):
+        for j in range(3):
+            x, y, w, h = (int(v) for v in (rng.integers(0, 30), rng.integers(0, 24), rng.integers(8, 30),
+                                             rng.integers(8, 24)))  # fmt: skip
+            box_only = annotation(1 + 10 * k + j, image_id=image["id"], category_id=categories[j % 2]["id"],
+                                  bbox=[x, y, w, h], area=float(w * h))  # fmt: skip
+            del box_only["segmentation"]  # a detection export (with an area: pycocotools needs one in the file)
+            annotations.append(box_only)
+    path = write_coco(tmp_path / "d", dataset(annotations, images=images, categories=categories))
+    cache = Cache(build(CocoSource(path), tmp_path / "c.h5", workers=0, progress=False))
+    assert not cache.has_masks
+    indices = [0, 1, 2]
+    predictions = []
+    for i in indices:  # the ground truth's boxes, shifted and scored at random: a Faster R-CNN's output
+        instances = cache.instance_targets(i)
+        boxes = torch.from_numpy(instances["boxes"] + rng.normal(0, 3, instances["boxes"].shape)).float()
+        scores = torch.from_numpy(rng.random(len(boxes))).float()
+        predictions.append({"boxes": boxes, "scores": scores, "labels": torch.from_numpy(instances["labels"])})
+    lean = coco_eval(cache, indices, predictions, verbose=False, metrics=("bbox",))
+    results = in_source_terms(cache, detections(indices, predictions))
+    assert set(lean) == {"bbox"} and not any("segmentation" in result for result in results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(path))
+        evaluator = COCOeval(truth, truth.loadRes(results), "bbox")
+        evaluator.params.imgIds = [int(cache.source_ids[i]) for i in indices]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert 0.1 < lean["bbox"]["AP"] < 0.99
+    np.testing.assert_allclose(evaluator.stats, lean["bbox"]["stats"], atol=1e-6)
