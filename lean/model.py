@@ -96,8 +96,13 @@ class ModelSpec:
 
     @property
     def metrics(self):
-        """The COCO metrics its predictions are scored by, the one best.pt keeps the best of last."""
+        """The COCO metrics its predictions are scored by."""
         return ("bbox", "segm") if self.masks else ("bbox",)
+
+    @property
+    def main_metric(self):
+        """The metric whose AP best.pt keeps the best of: what the model adds last."""
+        return self.metrics[-1]
 
 
 class Uint8Transform(GeneralizedRCNNTransform):

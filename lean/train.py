@@ -58,12 +58,11 @@ def train(config, device, process):
         device = torch.device("cuda", process.local_rank)
     cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
     out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    task = run_task(config, cache, test_cache)
+    speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
+    spec, model = make_model(config, run_task(config, cache, test_cache), cache, speed, device, process)
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8,
-                    masks=task == "segment")  # fmt: skip
-    speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
-    spec, model = make_model(config, task, cache, speed, device, process)
+                    masks=spec.masks)  # fmt: skip
     optimizer = make_optimizer(model, config.lr, config.optimizer, config.weight_decay)
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
@@ -101,7 +100,7 @@ def train(config, device, process):
                 if process.main and not stop.received and evaluation_due(config, epoch, iteration >= total_iterations):
                     report = evaluate(model, test_cache, test_indices, device, speed.amp, metrics=spec.metrics)
                     log.evaluation(epoch, report)
-                    main_ap = report[spec.metrics[-1]]["AP"]
+                    main_ap = report[spec.main_metric]["AP"]
                 checkpointer.save(position_after(iteration, len(loader)), main_ap)
                 log.print(curves.update() if process.main else None)
                 if stop.received:
