@@ -8,6 +8,7 @@ from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import compilation_time_metrics, counters
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.transform import _resize_image_and_masks as resize_image_and_masks
 from torchvision.ops.poolers import _convert_to_roi_format as rois_in_roi_format
 from torchvision.ops.poolers import _filter_input as feature_maps_named
 from torchvision.ops.poolers import _setup_scales as pyramid_scales
@@ -20,6 +21,7 @@ __all__ = [
     "graphs_compiled",
     "overwrite_eps",
     "pyramid_scales",
+    "resize_image_and_masks",
     "rois_in_roi_format",
     "set_recompile_limit",
 ]

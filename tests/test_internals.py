@@ -35,3 +35,9 @@ def test_the_pooler_helpers_keep_their_signatures():
     assert scales == [0.25, 0.125] and callable(mapper)
     rois = internals.rois_in_roi_format([torch.tensor([[0.0, 0.0, 10.0, 10.0]])])
     assert rois.tolist() == [[0.0, 0.0, 0.0, 10.0, 10.0]]
+
+
+def test_the_image_and_mask_resize_keeps_its_signature():
+    image, masks = torch.rand(3, 40, 60), torch.ones(2, 40, 60, dtype=torch.uint8)
+    resized, target = internals.resize_image_and_masks(image, 80.0, 1333.0, {"masks": masks}, None)
+    assert resized.shape == (3, 80, 120) and target["masks"].shape == (2, 80, 120)
