@@ -14,8 +14,10 @@ the same backbones, anchors and box heads without the mask branch (the tutorial'
 Every model takes uint8 or float images: lean's transform folds the uint8 to
 [0, 1] conversion into its normalisation, so the loader can hand over the
 bytes it read. Every model pools its regions with lean.roi_align's
-SparseRoIAlign: torchvision's results, several times faster on the CPU. And
-every frozen BatchNorm is folded into the convolution before it
+SparseRoIAlign: torchvision's results, several times faster on the CPU. Every
+model trains its RPN and RoI heads over the whole batch at once (lean.heads):
+torchvision's losses from torchvision's regions, without its per-image host
+syncs. And every frozen BatchNorm is folded into the convolution before it
 (lean.frozen_norm): the same function, one pass over the activations.
 """
 
@@ -41,7 +43,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from lean.canvas import pad_to_canvas
 from lean.errors import LeanError, reason
 from lean.frozen_norm import fold_frozen_norms
-from lean.internals import overwrite_eps
+from lean.heads import batch_heads
+from lean.internals import overwrite_eps, resize_image_and_masks
 from lean.roi_align import SparseRoIAlign
 from lean.speed import tune_for_speed
 from lean.weights import downloading
@@ -135,10 +138,10 @@ class Uint8Transform(GeneralizedRCNNTransform):
         if target is None:
             return super().resize(image, target)
         height, width = image.shape[-2:]
-        boxes = target["boxes"]
-        image, target = super().resize(image, {**target, "boxes": _NO_BOXES})  # the image, masks and RNG as ever
+        size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]  # the RNG drawn as ever
+        image, target = resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
         ratio_height, ratio_width = image.shape[-2] / height, image.shape[-1] / width
-        x0, y0, x1, y1 = boxes.unbind(1)
+        x0, y0, x1, y1 = target["boxes"].unbind(1)
         target["boxes"] = torch.stack((x0 * ratio_width, y0 * ratio_height, x1 * ratio_width, y1 * ratio_height), dim=1)
         return image, target
 
@@ -148,9 +151,6 @@ class Uint8Transform(GeneralizedRCNNTransform):
         else:
             batch = pad_to_canvas(images, self.canvas_ladder)
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
-
-
-_NO_BOXES = torch.zeros(0, 4)
 
 
 def create_model(spec, state=None, speed=None, device="cpu", download=False):
@@ -174,6 +174,7 @@ def create_model(spec, state=None, speed=None, device="cpu", download=False):
     heads.box_roi_pool = SparseRoIAlign.like(heads.box_roi_pool)
     if spec.masks:
         heads.mask_roi_pool = SparseRoIAlign.like(heads.mask_roi_pool)
+    batch_heads(model)
     if state is not None:
         try:
             model.load_state_dict(_with_own_predictors(model, state))
