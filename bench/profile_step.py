@@ -5,6 +5,8 @@ times --steps more (median, and peak device memory), then profiles as many and p
 took longest: on CUDA by device time, with the share of wall time its kernels ran and how often the host
 waited for the device (each wait leaves the GPU idle until the host has launched the next kernels), and
 the source lines that made the host wait, counted by torch.cuda.set_sync_debug_mode; on the CPU by CPU time.
+With --count-syncs, the step's host syncs counted on any device by bench.syncs, by operation and by line, on
+the path a GPU takes (lean.heads' fixed shapes) whatever the device.
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import scratch_cache
+from bench.syncs import count_syncs
 from bench.train_section import lean_training
 from lean.cache import Cache
 from lean.cli import Parser, add_device_argument, check_device, run
@@ -56,6 +59,9 @@ def parse_args(argv):
     parser.add_argument(
         "--no-canvases", action="store_true", help="batches padded as torchvision pads them, not to canvases"
     )
+    parser.add_argument(
+        "--count-syncs", action="store_true", help="count the step's host syncs on any device (bench.syncs)"
+    )
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     return args
@@ -77,6 +83,26 @@ def sync_sites(step, batches, steps):
         if "synchroniz" in str(w.message)
     )
     return {site: count / steps for site, count in sites.most_common()}
+
+
+def print_counted_syncs(cache, device, args, speed, batch_size):
+    """Count the syncs of --steps steps of the GPU's path after one untimed step, with bench.syncs; print them by
+    operation and by line and return the count a step."""
+    step, batches = lean_training(
+        cache, device, args.min_size, args.max_size, speed, lr=0.0, batch_size=batch_size, fixed_shapes=True
+    )
+    step(next(batches))
+    steps = args.steps
+    with count_syncs() as count:
+        for _ in range(steps):
+            step(next(batches))
+    print(f"counted syncs a step: {count.total / steps:.1f}")
+    for op, n in count.by_op.most_common():
+        print(f"  {n / steps:5.1f} a step  {op}")
+    for line, n in count.by_line.most_common(args.sites):
+        print(f"  {n / steps:5.1f} a step  {line}")
+    batches.close()
+    return count.total / steps
 
 
 def profile_batch_size(cache, device, args, batch_size):
@@ -108,6 +134,7 @@ def profile_batch_size(cache, device, args, batch_size):
         wall_us = (time.perf_counter() - start) * 1e6
     sites = sync_sites(step, batches, args.steps) if cuda else {}
     batches.close()
+    counted = print_counted_syncs(cache, device, args, speed, batch_size) if args.count_syncs else None
     events = profiled.key_averages()
     if args.rows:
         print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows))
@@ -128,6 +155,8 @@ def profile_batch_size(cache, device, args, batch_size):
         )
         for site, count in list(sites.items())[: args.sites]:
             print(f"  {count:5.1f} a step  {site}")
+    if counted is not None:
+        summary += f"; bench.syncs counted {counted:.0f} a step"
     print(summary, flush=True)
 
 

@@ -9,6 +9,7 @@ import torch
 from bench.common import epochs, scratch_cache, time_steps
 from bench.seed_pipeline import seed_detector, seed_loader, seed_model, seed_step
 from lean.engine import train_step
+from lean.heads import torchvision_heads, use_fixed_shapes
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
 from lean.optim import make_optimizer, make_scheduler
@@ -33,17 +34,20 @@ def seed_training(root, device, min_size, max_size, task="segment"):
 
 
 def lean_training(
-    cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None, task="segment"
-):
+    cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None, task="segment",
+    fixed_shapes=None, batched_heads=True,
+):  # fmt: skip
     """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn (a Mask R-CNN, or for `task`
     detect a Faster R-CNN) from `weights` (a state dict; if not given, the seed model's fixed random init) with
-    `speed` (default: lean's for the device), and the Loader's batches without end."""
+    `speed` (default: lean's for the device), and the Loader's batches without end. `fixed_shapes`: the heads'
+    path (lean.heads.use_fixed_shapes; None: by device); without `batched_heads`, torchvision's own heads."""
     if weights is None:
         torch.manual_seed(0)
         weights = SEED_MODELS[task](min_size, max_size).state_dict()
     speed = speed or Speed.for_device(device)
     spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, task=task)  # the fine-tuning layout
     model = create_model(spec, weights, speed, device).train()
+    model = use_fixed_shapes(model, fixed_shapes) if batched_heads else torchvision_heads(model)
     optimizer = make_optimizer(model, lr, fused=fused)
     loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8, masks=spec.masks)
     scheduler = make_scheduler(optimizer, len(loader))
@@ -60,17 +64,18 @@ def lean_training(
 
 
 def lean_variants(device, inductor):
-    """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then on
-    CUDA the same step with batches padded as torchvision pads them, with foreach SGD, and with the
-    backbone replayed as CUDA graphs; with `inductor`, the backbone compiled by inductor."""
+    """{label: (Speed, fused SGD or None for the default, batched heads)}: lean's default for the device first,
+    then the same step with torchvision's heads, and on CUDA with the backbone replayed as CUDA graphs; with
+    `inductor`, the backbone compiled by inductor. (Canvases and fused SGD were measured once on an H100,
+    docs/performance-log.md, and are defaults.)"""
     default = Speed.for_device(device)
-    variants = {f"lean's default ({default})": (default, None)}
+    variants = {f"lean's default ({default})": (default, None, True)}
+    variants["torchvision's heads, image by image"] = (default, None, False)
     if device.type == "cuda":
-        variants["batches padded as they come"] = (dataclasses.replace(default, canvases=False), None)
-        variants["foreach SGD"] = (default, False)
-        variants["CUDA graphs (--compile cudagraphs)"] = (dataclasses.replace(default, compile="cudagraphs"), None)
+        graphs = dataclasses.replace(default, compile="cudagraphs")
+        variants["CUDA graphs (--compile cudagraphs)"] = (graphs, None, True)
     if inductor:
-        variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None)
+        variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None, True)
     return variants
 
 
@@ -100,13 +105,14 @@ def _task_rows(root, steps, warmup, min_size, max_size, device, inductor, scratc
 
     cache = scratch_cache(root, scratch)
     variants = lean_variants(device, inductor)
-    if task == "detect":  # lean's defaults alone: the variants' figures are the segment model's
-        variants = dict(list(variants.items())[:1])
+    if task == "detect":  # lean's defaults and torchvision's heads: the other variants' figures are the segment model's
+        variants = dict(list(variants.items())[:2])
     model = "Mask R-CNN" if task == "segment" else "Faster R-CNN"
-    for label, (speed, fused) in variants.items():
+    for label, (speed, fused, batched_heads) in variants.items():
         lean_step, lean_batches = lean_training(
-            cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused, task=task
-        )
+            cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused, task=task,
+            batched_heads=batched_heads,
+        )  # fmt: skip
         waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median

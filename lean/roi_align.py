@@ -7,7 +7,8 @@ maps laid out as a (pixels, channels) matrix (for channels-last maps, a view); i
 transposed product. torchvision's CPU kernel walks the regions one at a time on one core and, in the
 backward pass, recomputes the weights for every channel: a large share of a CPU step
 (docs/performance.md). On CUDA torchvision's kernel stays, with the regions
-grouped by level after one host sync, where torchvision's loop makes one a level.
+grouped by level after one host sync, where torchvision's loop makes one a level (none where lean.heads read
+the counts already).
 """
 
 import warnings
@@ -21,6 +22,8 @@ from lean.internals import feature_maps_named, pyramid_scales, rois_in_roi_forma
 class SparseRoIAlign(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign (same arguments, same results); on the CPU, computed as a sparse product."""
 
+    by_level = None  # torchvision's kernel level by level (None: on a GPU only), else the sparse product
+
     @classmethod
     def like(cls, pool):
         return cls(
@@ -31,35 +34,63 @@ class SparseRoIAlign(MultiScaleRoIAlign):
             canonical_level=pool.canonical_level,
         )
 
+    @property
+    def num_levels(self):
+        return len(self.featmap_names)
+
     def forward(self, x, boxes, image_shapes):
-        features = feature_maps_named(x, self.featmap_names)
         if self.sampling_ratio <= 0:  # adaptive sampling: a region's sample count is its own
             return super().forward(x, boxes, image_shapes)
+        return self.pool(x, rois_in_roi_format(boxes), image_shapes)
+
+    def pool(self, x, rois, image_shapes, level_counts=None):
+        """Each region of rois (R x [image index, x0, y0, x1, y1]) pooled from its level; `level_counts`, the
+        regions on each level where the caller has read them already (the by-level path reads them otherwise)."""
+        features = self._maps(x, image_shapes)
+        levels = self.levels(x, rois, image_shapes)
+        if self._pools_by_level(features[0]):
+            return roi_align_by_level(
+                features, rois, levels, self.scales, self.output_size, self.sampling_ratio, level_counts
+            )
+        return pyramid_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+
+    def levels(self, x, rois, image_shapes):
+        """Each region's pyramid level, as torchvision's level mapper assigns them."""
+        features = self._maps(x, image_shapes)
+        if len(features) == 1:
+            return torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        return self.map_levels([rois[:, 1:]])
+
+    def reads_level_counts(self, x):
+        """Whether pooling needs each level's region count on the host."""
+        return self.num_levels > 1 and self._pools_by_level(x[self.featmap_names[0]])
+
+    def _pools_by_level(self, feature):
+        return feature.device.type != "cpu" if self.by_level is None else self.by_level
+
+    def _maps(self, x, image_shapes):
+        features = feature_maps_named(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = pyramid_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
-        rois = rois_in_roi_format(boxes)
-        if len(features) == 1:
-            levels = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
-        else:
-            levels = self.map_levels(boxes)
-        pool = pyramid_roi_align if features[0].device.type == "cpu" else roi_align_by_level
-        return pool(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+        return features
 
 
-def roi_align_by_level(features, rois, levels, scales, output_size, sampling_ratio):
+def roi_align_by_level(features, rois, levels, scales, output_size, sampling_ratio, counts=None):
     """torchvision's RoIAlign of each region from its level, the regions sorted by level so that one host
-    sync (the count per level) splits them; returns them in their own order, in the maps' dtype."""
+    sync (the count per level, unless given) splits them; returns them in their own order, in the maps' dtype.
+    The order is restored by a gather, whose backward is a plain scatter."""
     if len(features) == 1:
         return roi_align(features[0], rois, output_size, scales[0], sampling_ratio).to(features[0].dtype)
     order = torch.argsort(levels, stable=True)
-    counts = torch.bincount(levels, minlength=len(features)).tolist()
+    if counts is None:
+        counts = torch.bincount(levels, minlength=len(features)).tolist()
     pooled = [
         roi_align(feature, part, output_size, scale, sampling_ratio)
         for feature, scale, part in zip(features, scales, torch.split(rois[order], counts))
     ]
-    return torch.cat(pooled)[torch.argsort(order)].to(features[0].dtype)
+    return torch.cat(pooled).index_select(0, torch.argsort(order)).to(features[0].dtype)
 
 
 def pyramid_roi_align(features, rois, levels, scales, output_size, sampling_ratio, aligned=False):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from lean.heads import torchvision_heads
 from lean.model import ModelSpec, create_model
 from lean.roi_align import SparseRoIAlign, pyramid_roi_align, roi_align_by_level
 
@@ -116,6 +117,7 @@ def test_models_pool_with_it_and_their_losses_are_torchvisions(backbone):
     for name in ("box_roi_pool", "mask_roi_pool"):
         pool = getattr(heads, name)
         setattr(heads, name, MultiScaleRoIAlign(pool.featmap_names, pool.output_size, pool.sampling_ratio))
+    torchvision_heads(model)
     torch.manual_seed(1)
     want = model(images, targets)
     for key in want:
