@@ -295,7 +295,7 @@ def nms_by_level(boxes, valid, per_level, threshold, rounds, until_done=False):
     Greedy NMS keeps a box when no kept box before it overlaps it by more than `threshold`: the fixed point of
     keep = valid & not any(kept earlier box overlaps). Iterating from keep = valid settles one more box of every
     chain of overlaps each round, `rounds` of them at fixed shapes; `converged` says whether they sufficed,
-    and with `until_done` the rounds go on (a read each) until they do.
+    and with `until_done` twice as many more go on (a read each time) until they do.
     """
     num_images = len(boxes)
     most = max(per_level)
@@ -313,12 +313,13 @@ def nms_by_level(boxes, valid, per_level, threshold, rounds, until_done=False):
     overlaps = overlaps.transpose(1, 2).to(dtype)  # [i, j]: earlier j suppresses i
     keep = grouped_valid
     with torch.autocast(boxes.device.type, enabled=False):
-        for _ in range(rounds + 1):
-            previous, keep = keep, grouped_valid & ~(torch.bmm(overlaps, keep[..., None].to(dtype))[..., 0] > 0)
-        converged = torch.equal(previous, keep) if until_done else (previous == keep).all()
-        while until_done and not converged:
-            previous, keep = keep, grouped_valid & ~(torch.bmm(overlaps, keep[..., None].to(dtype))[..., 0] > 0)
-            converged = torch.equal(previous, keep)
+        while True:
+            for _ in range(rounds + 1):
+                previous, keep = keep, grouped_valid & ~(torch.bmm(overlaps, keep[..., None].to(dtype))[..., 0] > 0)
+            converged = (previous == keep).all()
+            if not until_done or converged:  # reading `converged` is a sync: only where asked to finish
+                break
+            rounds *= 2
     keep = keep.reshape(num_images, len(per_level), most)
     keep = torch.cat([keep[:, level, :count] for level, count in enumerate(per_level)], 1)
     return keep, converged
