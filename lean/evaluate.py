@@ -84,7 +84,7 @@ def detections(indices, predictions):
         boxes = prediction["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
         scores = prediction["scores"].detach().float().cpu().numpy()
         labels = prediction["labels"].detach().cpu().numpy()
-        masks = (prediction["masks"].detach() > 0.5).squeeze(1).cpu().numpy() if "masks" in prediction else None
+        masks = _rles(prediction["masks"]) if "masks" in prediction else None
         for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
             result = {
                 "image_id": int(index),
@@ -93,9 +93,20 @@ def detections(indices, predictions):
                 "score": float(scores[k]),
             }
             if masks is not None:
-                result["segmentation"] = _rle(masks[k])
+                result["segmentation"] = masks[k]
             results.append(result)
     return results
+
+
+def _rles(masks):
+    """The RLE of each of N x 1 x H x W masks cut at 0.5, encoded by pycocotools in one call."""
+    cut = (masks.detach() > 0.5)[:, 0].cpu().numpy()
+    if not len(cut):
+        return []
+    encoded = mask_util.encode(np.asfortranarray(cut.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in encoded:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return encoded
 
 
 def coco_eval(cache, indices, predictions, verbose=True, metrics=KINDS):
@@ -171,14 +182,20 @@ def in_source_terms(cache, results):
              "category_id": int(cache.category_ids[result["category_id"] - 1])} for result in results]  # fmt: skip
 
 
-def on_host(output):
-    """A torchvision output dict on the CPU, its masks cut at 0.5 where they are, as every use of them here
-    cuts them: a bool mask is a quarter of a float one to copy off the device, and a bf16 mask is cut as
-    its float32 value would be."""
-    output = dict(output)
-    if "masks" in output:
-        output["masks"] = output["masks"] > 0.5
-    return {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in output.items()}
+def on_host(outputs):
+    """A batch's torchvision output dicts on the CPU, boxes, scores and labels in one copy and every mask in
+    another; masks cut at 0.5 where they are, as every use of them here cuts them (a bool mask is a quarter
+    of a float one to copy, and a bf16 mask is cut as its float32 value would be)."""
+    counts = [len(output["scores"]) for output in outputs]
+    columns = [[o["boxes"].float(), o["scores"].float()[:, None], o["labels"].float()[:, None]] for o in outputs]
+    packed = torch.cat([torch.cat(parts, 1) for parts in columns]).cpu()  # labels as floats: exact below 2**24
+    host = [{"boxes": p[:, :4], "scores": p[:, 4], "labels": p[:, 5].long()} for p in packed.split(counts)]
+    if "masks" in outputs[0]:
+        cut = [output["masks"] > 0.5 for output in outputs]
+        flat = torch.cat([mask.flatten() for mask in cut]).cpu().split([mask.numel() for mask in cut])
+        for prediction, mask, values in zip(host, cut, flat):
+            prediction["masks"] = values.reshape(mask.shape)
+    return host
 
 
 @torch.no_grad()
@@ -191,7 +208,7 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
     for images, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)
-        predictions += [on_host(output) for output in outputs]
+        predictions += on_host(outputs)
         progress.update(len(images))
     return predictions
 

@@ -45,6 +45,7 @@ from lean.errors import LeanError, reason
 from lean.frozen_norm import fold_frozen_norms
 from lean.heads import batch_heads
 from lean.internals import overwrite_eps, resize_image_and_masks
+from lean.paste import paste_masks
 from lean.roi_align import SparseRoIAlign
 from lean.speed import tune_for_speed
 from lean.weights import downloading
@@ -111,10 +112,11 @@ class ModelSpec:
 class Uint8Transform(GeneralizedRCNNTransform):
     """torchvision's resize-and-normalise step, taking uint8 images as well as floats in [0, 1].
 
-    Two host-to-device copies an image fewer than torchvision's: the normalisation's mean and standard
-    deviation are kept on the device, and boxes are scaled by plain numbers rather than by tensors made
-    on their device. With `channels_last`, the padded batch is laid out channels-last, as the
-    convolutions of a channels-last model want it; with a `canvas_ladder`, it is padded to a canvas.
+    Without torchvision's host-to-device copies and syncs: the normalisation's mean and standard deviation
+    are kept on the device, boxes are scaled by plain numbers rather than by tensors made on their device,
+    and predicted masks are pasted into the image all at once (lean.paste). With `channels_last`, the padded
+    batch is laid out channels-last, as the convolutions of a channels-last model want it; with a
+    `canvas_ladder`, it is padded to a canvas.
     """
 
     channels_last = False
@@ -145,12 +147,29 @@ class Uint8Transform(GeneralizedRCNNTransform):
         target["boxes"] = torch.stack((x0 * ratio_width, y0 * ratio_height, x1 * ratio_width, y1 * ratio_height), dim=1)
         return image, target
 
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training:
+            return result
+        for prediction, resized_to, original in zip(result, image_shapes, original_image_sizes):
+            ratio_height, ratio_width = (_ratio(new, old) for new, old in zip(original, resized_to))
+            x0, y0, x1, y1 = prediction["boxes"].unbind(1)
+            boxes = torch.stack((x0 * ratio_width, y0 * ratio_height, x1 * ratio_width, y1 * ratio_height), dim=1)
+            prediction["boxes"] = boxes
+            if "masks" in prediction:  # every detection at once: torchvision reads each box to the host
+                prediction["masks"] = paste_masks(prediction["masks"], boxes, *original)
+        return result
+
     def batch_images(self, images, size_divisible=32):
         if self.canvas_ladder is None:
             batch = super().batch_images(images, size_divisible)
         else:
             batch = pad_to_canvas(images, self.canvas_ladder)
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+
+def _ratio(new, old):
+    """new / old as torchvision's resize_boxes works it out (in float32), as a plain number."""
+    return float(torch.tensor(new, dtype=torch.float32) / torch.tensor(old, dtype=torch.float32))
 
 
 def create_model(spec, state=None, speed=None, device="cpu", download=False):

@@ -25,12 +25,13 @@ from tests.conftest import cli
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masks_cut_before_leaving_the_device_give_the_detections_the_float_masks_give(dtype):
+    """And a batch's outputs come off the device as they went in, each image's its own."""
     generator = torch.Generator().manual_seed(0)
     masks = torch.rand(4, 1, 9, 7, generator=generator)
     masks[0, 0, 0, :3] = torch.tensor([0.5, 0.5 + 1e-3, 0.5 - 1e-3])  # at and around the cut
     output = {"boxes": torch.rand(4, 4) * 5, "scores": torch.rand(4), "labels": torch.ones(4, dtype=torch.int64),
               "masks": masks.to(dtype)}  # fmt: skip
-    host = on_host(output)
+    (host,) = on_host([output])
     assert host["masks"].dtype == torch.bool and host["scores"].dtype == torch.float32
     assert detections([3], [host]) == detections([3], [{**output, "masks": output["masks"].float()}])
 

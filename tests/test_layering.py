@@ -9,7 +9,7 @@ import pytest
 LEAN = Path(__file__).resolve().parent.parent / "lean"
 FLOORS = [
     "errors progress masks targets sampling canvas internals",  # plain data, and the private names lean relies on
-    "files config cli download example images weights engine optim distributed frozen_norm roi_align heads speed "
+    "files config cli download example images weights engine optim distributed frozen_norm roi_align heads paste speed "
     "background coco_fields cache.format cache.verify",
     "coco pennfudan synthetic cache.writer cache.reader cache.export cache.__main__ staging monitor model plot",
     "sources cache loader checkpoint",
