@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lean import weights
+from lean.background import snapshot
 from lean.config import SettingError, TrainConfig, check_types
 from lean.errors import LeanError, reason
 from lean.files import write_atomically
@@ -93,11 +94,12 @@ class RunFolder:
 class Checkpointer:
     """Keeps a run's checkpoints in `folder`: last.pt, written after every epoch and on a stop, and best.pt,
     a copy of the one with the best main AP. Disabled (every process under torchrun but the main one), it
-    writes nothing but resumes all the same."""
+    writes nothing but resumes all the same. With a `writer` (lean.background.Writer), the files are written
+    in its thread from a snapshot taken at save(), each write joined before the next."""
 
-    def __init__(self, folder, run, spec, config, fingerprint, world_size=1, enabled=True):
+    def __init__(self, folder, run, spec, config, fingerprint, world_size=1, enabled=True, writer=None):
         self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
-        self.run, self.spec, self.config, self.enabled = run, spec, config, enabled
+        self.run, self.spec, self.config, self.enabled, self.writer = run, spec, config, enabled, writer
         self.fingerprint, self.world_size = fingerprint, world_size
         self.best_ap = -1.0
 
@@ -149,9 +151,18 @@ class Checkpointer:
             },
             "config": self.config.to_dict(),
         }
-        write_atomically(self.last, lambda temporary: torch.save(state, temporary))
-        if improved:
-            write_atomically(self.best, lambda temporary: shutil.copyfile(self.last, temporary))
+
+        def write(state):
+            write_atomically(self.last, lambda temporary: torch.save(state, temporary))
+            if improved:
+                write_atomically(self.best, lambda temporary: shutil.copyfile(self.last, temporary))
+
+        if self.writer is None:
+            write(state)
+        else:
+            self.writer.wait()
+            state = snapshot(state)
+            self.writer.submit(lambda: write(state))
 
 
 def load(path):

@@ -8,11 +8,13 @@ loss, as detectron2's trainer does.
 
 import contextlib
 import json
+import os
 import statistics
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,33 @@ from lean.internals import compile_seconds, graphs_compiled
 
 class NonFiniteLoss(Exception):
     pass
+
+
+def process_age():
+    """Seconds since this process started (from Linux's /proc), or None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after the command's name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StartUp:
+    """Where a run's start-up goes: the imports (from process start), then each part marked, to the first step."""
+
+    def __init__(self):
+        self.parts = {"imports": process_age()}
+        self.since = time.perf_counter()
+
+    def mark(self, part):
+        now = time.perf_counter()
+        self.parts[part], self.since = now - self.since, now
+
+    def __str__(self):
+        known = {part: seconds for part, seconds in self.parts.items() if seconds is not None}
+        parts = ", ".join(f"{part} {seconds:.1f}" for part, seconds in known.items())
+        return f"start-up: {sum(known.values()):.1f} s to the first step ({parts})"
 
 
 class Window:

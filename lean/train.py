@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lean import checkpoint, distributed
+from lean.background import Writer
 from lean.cache import Cache
 from lean.cache import build as build_cache
 from lean.canvas import too_thin
@@ -29,7 +30,7 @@ from lean.errors import LeanError
 from lean.evaluate import evaluate
 from lean.loader import Loader
 from lean.model import BACKBONES, TASKS, ModelSpec, create_model
-from lean.monitor import Monitor, NonFiniteLoss, TrainingLog
+from lean.monitor import Monitor, NonFiniteLoss, StartUp, TrainingLog
 from lean.optim import OPTIMIZERS, make_optimizer, make_scheduler
 from lean.pennfudan import PennFudanSource, default_root
 from lean.plot import Curves
@@ -43,23 +44,27 @@ OFFLINE = ("set LEAN_PENNFUDAN to a PennFudan folder, or build a cache of your o
 
 
 def main(argv=None):
+    start_up = StartUp()
     config = parse_args(argv)
     configure_process()
     device = torch.device(config.device)
     process = distributed.start(device.type)
     try:
-        return train(config, device, process)
+        return train(config, device, process, start_up)
     finally:
         distributed.stop(process)
 
 
-def train(config, device, process):
+def train(config, device, process, start_up):
     if process.distributed and device.type == "cuda":
         device = torch.device("cuda", process.local_rank)
+    start_up.mark("settings")
     cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
+    start_up.mark("caches")
     out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
     spec, model = make_model(config, run_task(config, cache, test_cache), cache, speed, device, process)
+    start_up.mark("model")
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8,
                     masks=spec.masks)  # fmt: skip
@@ -67,13 +72,17 @@ def train(config, device, process):
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
     run_state = RunState(model, optimizer, scheduler, scaler)
-    checkpointer = Checkpointer(out, run_state, spec, config, cache.fingerprint, process.world_size, process.main)
+    writer = Writer()  # checkpoints and curves written off the training thread
+    checkpointer = Checkpointer(
+        out, run_state, spec, config, cache.fingerprint, process.world_size, process.main, writer
+    )
     trained = distributed.wrap(model, process, device)  # what the step calls: under DDP, the wrapper
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
     with (
         RunFolder(out, process.main),
         TrainingLog(out / "metrics.jsonl", process.main, config.resume) as log,
         StopSignals() as stop,
+        writer,
     ):
         position = checkpointer.resume() if config.resume else Position()
         monitor = Monitor(loader, optimizer, process, config.log_every, total_iterations, position.iteration)
@@ -87,6 +96,8 @@ def train(config, device, process):
                   f"{len(loader)} iterations/epoch x {config.epochs} epochs, batch {config.batch_size} x "
                   f"{process.world_size} process(es), {device}, {speed}; writing {out}")  # fmt: skip
         log.print(cpu_hint(config, device))
+        start_up.mark("loader, optimizer, run folder")
+        log.print(str(start_up))
         iteration = position.iteration
         model.train()
         try:
@@ -102,14 +113,17 @@ def train(config, device, process):
                     log.evaluation(epoch, report)
                     main_ap = report[spec.main_metric]["AP"]
                 checkpointer.save(position_after(iteration, len(loader)), main_ap)
-                log.print(curves.update() if process.main else None)
+                if process.main:
+                    writer.submit(lambda: log.print(curves.update()))
                 if stop.received:
+                    writer.wait()
                     log.print(f"stopped by signal at epoch {epoch}, iteration {iteration}; saved {checkpointer.last}; "
                               "continue with --resume")  # fmt: skip
                     return stop.exit_status
         except NonFiniteLoss as error:
             print(f"error: {error}; {checkpointer.last} keeps the last good state", file=sys.stderr)
             return EXIT_DIVERGED
+        writer.wait()
         elapsed = timedelta(seconds=round(time.perf_counter() - monitor.started))
         log.print(f"done: {iteration} iterations in {elapsed}; {checkpointer.last}")
     return 0
