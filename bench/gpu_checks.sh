@@ -2,19 +2,23 @@
 # The checks that need a CUDA device, phase by phase, each under its own time limit, so one slow phase
 # cannot take the others' figures with it. Logs go to LOGS (default runs/gpu), one file per phase.
 #
-#   bash bench/gpu_checks.sh [tests] [data] [coco] [train] [profile] [batches] [convergence] [job] [suite]
+#   bash bench/gpu_checks.sh [tests] [data] [coco] [train] [profile] [batches] [convergence] [job] [eval] [suite]
 #
-#   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, nvJPEG, losses equal torchvision's)
+#   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, nvJPEG, losses equal torchvision's
+#                on the batched heads' path, bench.syncs against torch.cuda.set_sync_debug_mode)
 #   data         the data benchmark, the Loader on CUDA and the host-to-device copy included
 #   coco         the COCO photos benchmark (COCO_IMAGES of them), the Loader on CUDA decoding JPEGs by nvJPEG included
-#   train        the training benchmark at the tutorial's sizes (800/1333): the seed, lean's CUDA default, and
-#                lean without each of its CUDA settings (TRAIN_ARGS adds flags: --inductor times inductor too)
+#   train        the training benchmark at the tutorial's sizes (800/1333), Mask R-CNN and Faster R-CNN: the seed,
+#                lean's CUDA default, lean with torchvision's per-image heads, and lean without or with each of its
+#                CUDA settings (TRAIN_ARGS adds flags: --inductor times inductor too)
 #   profile      where lean's step spends its time at 800/1333, by operator, how often the host waits and where
-#   batches      lean's step at 800/1333 with 2, 4, 8, 16 images (BATCH_SIZES): images/s, peak memory, GPU busy share
+#   batches      lean's step at 800/1333 with 2, 4, 8, 16 images (BATCH_SIZES): images/s, peak memory, GPU busy share,
+#                host syncs a step by set_sync_debug_mode and by bench.syncs
 #   convergence  the convergence command in fp32 eager and with lean's fastest CUDA settings (bf16, canvases,
 #                fused SGD, CUDA graphs)
 #   job          the tutorial's whole job, 10 epochs on Penn-Fudan at 800/1333 with evaluation after each: lean's
 #                cache build and lean.train, then the tutorial's script (bench.seed_job), each process timed whole
+#   eval         the 50 test images on the device, predicting included: the tutorial's evaluation and lean.evaluate
 #   suite        the whole test suite
 #
 # PENNFUDAN (default data/PennFudanPed) is the dataset folder; PYTHON (default python3) the interpreter; RUNS
@@ -42,20 +46,21 @@ $python -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 convergence=(--cache cache/synthetic.h5 --backbone resnet18_fpn --weights none --min-size 128 --max-size 224
              --batch-size 4 --optimizer adamw --lr 1e-3 --epochs 24 --lr-step-epochs 17 --eval-every 8 --device cuda)
 cache=cache/gpu_pennfudan.h5  # the profiling phases' one cache, built when first needed
-case " $* " in *" profile "*|*" batches "*|*" job "*)
+case " $* " in *" profile "*|*" batches "*|*" job "*|*" eval "*)
     [ -f "$cache" ] || TAIL=2 phase build_pennfudan 120 $python -m lean.cache build --root "$root" --out "$cache" ;;
 esac
 for what in "$@"; do
     case $what in
-    tests) phase tests "${TESTS_LIMIT:-150}" $python -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_model.py -k cuda ;;
+    tests) phase tests "${TESTS_LIMIT:-150}" $python -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_model.py \
+               tests/test_heads.py tests/test_syncs.py -k "cuda or gpu" ;;
     data) phase data 150 $python -m bench.throughput --root "$root" --sections data --repeats 3 --json "$logs/data.json" ;;
     coco) phase coco "${COCO_LIMIT:-150}" $python -m bench.throughput --sections coco --coco-images "${COCO_IMAGES:-100}" \
               --repeats 3 --json "$logs/coco.json" ;;
     train) phase train "${TRAIN_LIMIT:-300}" $python -m bench.throughput --root "$root" --sections train \
                --min-size 800 --max-size 1333 --train-steps 20 --train-warmup 10 --json "$logs/train.json" --no-inductor ${TRAIN_ARGS:-} ;;
     profile) TAIL=70 phase profile "${PROFILE_LIMIT:-120}" $python -m bench.profile_step --cache "$cache" --rows 30 ${PROFILE_ARGS:-} ;;
-    batches) TAIL=6 phase batches "${BATCHES_LIMIT:-180}" $python -m bench.profile_step --cache "$cache" --rows 0 --sites 0 --warmup 5 --steps 8 \
-                 --batch-size ${BATCH_SIZES:-2 4 8 16} ${PROFILE_ARGS:-} ;;
+    batches) TAIL=60 phase batches "${BATCHES_LIMIT:-180}" $python -m bench.profile_step --cache "$cache" --rows 0 --sites 8 --warmup 5 \
+                 --steps 8 --count-syncs --batch-size ${BATCH_SIZES:-2 4 8 16} ${PROFILE_ARGS:-} ;;
     convergence)
         [ -f cache/synthetic.h5 ] || $python -m lean.cache build --source synthetic --num-images 200 --seed 0 >"$runs/build_synthetic.log" 2>&1
         # Both on the GPU at once: the figures compared are the two runs' AP, not their times.
@@ -67,7 +72,9 @@ for what in "$@"; do
     job) TAIL=4 phase job_lean "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none --device cuda \
              --out "$runs/job"
          TAIL=4 phase job_seed "${JOB_LIMIT:-300}" $python -m bench.seed_job --root "$root" --device cuda ;;
+    eval) phase eval "${EVAL_LIMIT:-150}" $python -m bench.throughput --root "$root" --sections eval --repeats 2 \
+              --json "$logs/eval.json" ;;
     suite) phase suite "${SUITE_LIMIT:-300}" $python -m pytest -q -p no:cacheprovider -x tests ;;
-    *) echo "unknown phase: $what (tests, data, coco, train, profile, batches, convergence, job, suite)"; exit 2 ;;
+    *) echo "unknown phase: $what (tests, data, coco, train, profile, batches, convergence, job, eval, suite)"; exit 2 ;;
     esac
 done
