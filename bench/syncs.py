@@ -4,7 +4,8 @@ Every sync a PyTorch program makes comes from a few operations: a scalar read (`
 an operation whose output size depends on the data (`nonzero`, `masked_select`, boolean-mask indexing,
 `unique`, `bincount`, `repeat_interleave` without an output size, torchvision's NMS), a copy to the host
 (`.tolist()`, `.numpy()`, `.cpu()`, a host tensor's `copy_` from the device), or a tensor made on the
-device from host data (a pageable copy that waits). `count_syncs()` watches for them as they are dispatched,
+device from host data (`torch.tensor(..., device=)`, `new_tensor`, a host tensor's `.to(device)`: a pageable
+copy that waits). `count_syncs()` watches for them as they are dispatched,
 so a CPU run counts the syncs the same code would make on a GPU, by operation and by the Python line that asked.
 
 On the CPU every tensor is on the host, so the counter tells apart the tensors a GPU run would keep there:
@@ -117,6 +118,14 @@ class _Dispatched(TorchDispatchMode):
         return outputs
 
 
+def _moves_host_to_device(count, args, kwargs):
+    """Whether `tensor.to(...)` copies a host tensor to the compute device, waiting: a device named by a
+    torch.device or a tensor (code moving to the host says "cpu"), the copy not asked to be non-blocking."""
+    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    moves = isinstance(target, (torch.device, torch.Tensor))
+    return moves and args[0] in count.host and not kwargs.get("non_blocking", False)
+
+
 class _Called(TorchFunctionMode):
     def __init__(self, count):
         super().__init__()
@@ -129,6 +138,10 @@ class _Called(TorchFunctionMode):
             self.count.add(f"Tensor.{func.__name__}")
         elif func in FROM_HOST and kwargs.get("device") is not None and not inputs:
             self.count.add(f"torch.{func.__name__}(host data, device=...)")
+        elif func is torch.Tensor.new_tensor and not isinstance(args[1], torch.Tensor) and self.count.on_device(inputs):
+            self.count.add("Tensor.new_tensor(host data)")
+        elif func is torch.Tensor.to and _moves_host_to_device(self.count, args, kwargs):
+            self.count.add("Tensor.to(a device) of a host tensor")
         outputs = func(*args, **kwargs)
         if not inputs and kwargs.get("device") is None:  # made on the host: torch.empty(1), torch.tensor([...])
             self.count.mark_host(outputs)

@@ -203,7 +203,9 @@ def padded_gt(targets, key, dtype=None):
     Padding boxes are [0, 0, 1, 1]: finite wherever they are coded, never matched."""
     values = [t[key] if dtype is None else t[key].to(dtype) for t in targets]
     most = max(1, *(len(v) for v in values))
-    filler = values[0].new_tensor([0.0, 0.0, 1.0, 1.0]) if key == "boxes" else values[0].new_zeros(())
+    filler = values[0].new_zeros(4 if key == "boxes" else ())
+    if key == "boxes":
+        filler[2:] = 1.0  # filled on the device: a tensor made from host numbers would be a copy that waits
     padded = filler.expand(len(values), most, *filler.shape).clone()
     valid = torch.zeros(len(values), most, dtype=torch.bool, device=values[0].device)
     for image, v in enumerate(values):

@@ -42,7 +42,6 @@ FIELDS = {
     "iscrowd": torch.int64,
     "bits": torch.uint8,
 }
-_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits puts the first pixel in the high bit
 
 
 def mask_bits(cache, index, kept):
@@ -172,7 +171,8 @@ def paste_masks(bits, crops, offsets, height, width, flipped=False):
     masks = torch.zeros((len(crops), height, width), dtype=torch.uint8, device=bits.device)
     if not len(crops):
         return masks
-    unpacked = ((bits.unsqueeze(1) >> _BIT_SHIFTS.to(bits.device)) & 1).view(-1)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)  # np.packbits: first pixel, high bit
+    unpacked = ((bits.unsqueeze(1) >> shifts) & 1).view(-1)
     for n, (y, x, h, w) in enumerate(crops):
         if h == 0:
             continue

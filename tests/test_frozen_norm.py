@@ -92,3 +92,16 @@ def test_lean_models_fold_every_frozen_norm_of_the_pretrained_layout(backbone):
     norms = [module for module in model.modules() if isinstance(module, FrozenBatchNorm2d)]
     assert norms and all(type(module) is AppliedByConv for module in norms)
     assert sum(isinstance(module, ConvWithFrozenNorm) for module in model.modules()) == len(norms)
+
+
+def test_a_folded_norms_scale_follows_its_buffers_when_they_change():
+    conv, norm = torch.nn.Conv2d(3, 4, 3, bias=False), FrozenBatchNorm2d(4)
+    folded = ConvWithFrozenNorm.fold(conv, norm)
+    x = torch.randn(1, 3, 8, 8)
+    first = folded(x)
+    norm.load_state_dict({**norm.state_dict(), "running_var": torch.full((4,), 4.0)})  # in place, as a load is
+    torch.testing.assert_close(folded(x), norm(conv(x)))
+    assert not torch.allclose(folded(x), first)
+    with torch.inference_mode():
+        folded(x)
+    folded(x).sum().backward()  # nothing made in inference mode was kept for autograd

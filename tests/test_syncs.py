@@ -2,6 +2,8 @@
 
 import sys
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,8 @@ def _syncing_snippets(device):
         ("tolist", lambda: x.tolist()),
         ("cpu", lambda: x.cpu()),
         ("a tensor from host data", lambda: torch.tensor([1.0, 2.0], device=device)),
+        ("new_tensor", lambda: x.new_tensor([1.0, 2.0])),
+        ("a host tensor moved to the device", lambda: torch.arange(3).to(x.device)),
         ("repeat_interleave", lambda: torch.repeat_interleave(torch.ones(3, dtype=torch.long, device=device))),
         ("nms", lambda: torchvision.ops.nms(boxes, torch.rand(6, device=device), 0.5)),
     ]
@@ -47,7 +51,7 @@ def _free_snippets(device):
 
 @pytest.mark.parametrize(
     ("snippets", "index", "expected"),
-    [(_syncing_snippets, k, 1) for k in range(11)] + [(_free_snippets, k, 0) for k in range(7)],
+    [(_syncing_snippets, k, 1) for k in range(13)] + [(_free_snippets, k, 0) for k in range(7)],
 )
 def test_on_the_cpu_each_operation_counts_the_syncs_a_gpu_would_make(snippets, index, expected):
     name, snippet = snippets("cpu")[index]
@@ -74,7 +78,9 @@ def test_a_backward_through_a_boolean_index_counts_its_scatter():
     assert syncs.by_op == {"aten::index_put": 1}
 
 
-def _debug_mode_syncs(function):
+def _debug_mode_sites(function):
+    """{'folder/file:line': syncs} where torch.cuda.set_sync_debug_mode warned while `function` ran. It can warn
+    twice for one wait (an item() both copies and synchronises): compare where, and whether, not how often."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -82,7 +88,9 @@ def _debug_mode_syncs(function):
             function()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    sites = [f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught
+             if "synchroniz" in str(w.message)]  # fmt: skip
+    return Counter(sites)
 
 
 @CUDA
@@ -92,11 +100,11 @@ def test_on_a_gpu_the_counter_agrees_with_sync_debug_mode_operation_by_operation
         with count_syncs() as syncs:
             snippet()
         torch.cuda.synchronize()
-        assert syncs.total == _debug_mode_syncs(snippet), name
+        assert bool(syncs.total) == bool(_debug_mode_sites(snippet)), name
 
 
 @CUDA
-def test_on_a_gpu_a_training_step_syncs_as_often_as_counted_and_at_most_three_times():
+def test_on_a_gpu_a_training_step_syncs_where_counted_and_at_most_three_times():
     from lean.model import ModelSpec, create_model
     from tests.test_model import _first_batch
 
@@ -113,4 +121,4 @@ def test_on_a_gpu_a_training_step_syncs_as_often_as_counted_and_at_most_three_ti
         step()
     torch.cuda.synchronize()
     assert syncs.total <= 3, syncs.by_line
-    assert _debug_mode_syncs(step) == syncs.total
+    assert set(_debug_mode_sites(step)) == set(syncs.by_line)
