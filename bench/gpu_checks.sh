@@ -17,7 +17,8 @@
 #   convergence  the convergence command in fp32 eager and with lean's fastest CUDA settings (bf16, canvases,
 #                fused SGD, CUDA graphs)
 #   job          the tutorial's whole job, 10 epochs on Penn-Fudan at 800/1333 with evaluation after each: lean's
-#                cache build and lean.train, then the tutorial's script (bench.seed_job), each process timed whole
+#                cache build and lean.train (its defaults, then with 2 canvas levels a side), then the tutorial's
+#                script (bench.seed_job), each process timed whole
 #   eval         the 50 test images on the device, predicting included: the tutorial's evaluation and lean.evaluate
 #   suite        the whole test suite
 #
@@ -69,8 +70,10 @@ for what in "$@"; do
         TAIL=8 phase convergence_fastest "${CONVERGENCE_LIMIT:-420}" $python -m lean.train "${convergence[@]}" \
             --compile cudagraphs --out "$runs/fastest" &
         wait ;;
-    job) TAIL=4 phase job_lean "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none --device cuda \
+    job) TAIL=6 phase job_lean "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none --device cuda \
              --out "$runs/job"
+         TAIL=6 phase job_lean_2_levels "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none \
+             --device cuda --canvas-levels 2 --out "$runs/job_2_levels"
          TAIL=4 phase job_seed "${JOB_LIMIT:-300}" $python -m bench.seed_job --root "$root" --device cuda ;;
     eval) phase eval "${EVAL_LIMIT:-150}" $python -m bench.throughput --root "$root" --sections eval --repeats 2 \
               --json "$logs/eval.json" ;;

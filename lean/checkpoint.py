@@ -213,7 +213,10 @@ def run_config(state):
 
 # What a resumed run may change: how long it runs, how it logs and evaluates, and how fast it runs; not what
 # it learns from or how.
-RESUMABLE = ("epochs", "max_iters", "log_every", "eval_every", "no_eval", "device", "amp", "channels_last", "compile")
+RESUMABLE = (
+    "epochs", "max_iters", "log_every", "eval_every", "no_eval", "device", "amp", "channels_last", "compile",
+    "canvas_levels",
+)  # fmt: skip
 
 
 def resumed_config(path, given):

@@ -11,7 +11,7 @@ from lean.errors import LeanError
 
 DEFAULT_CACHE = Path("cache/pennfudan.h5")
 AT_LEAST_ONE = ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every")
-AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size")
+AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size", "canvas_levels")
 POSITIVE_IF_GIVEN = ("lr", "clip_grad")
 
 
@@ -54,6 +54,7 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool | None = None
     compile: str | None = None
+    canvas_levels: int | None = None  # side lengths per axis batches are padded to; None: lean.canvas's
     sync_bn: bool = False
     # run
     out: Path | None = None

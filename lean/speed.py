@@ -55,9 +55,10 @@ class Speed:
     channels_last: bool = False
     compile: str = "off"
     canvases: bool = False
+    canvas_levels: int = CANVAS_LEVELS
 
     @classmethod
-    def for_device(cls, device, amp=None, channels_last=None, compile=None):
+    def for_device(cls, device, amp=None, channels_last=None, compile=None, canvas_levels=None):
         """What measured fastest on `device`; any setting given overrides its default."""
         compile = default_compile(device) if compile is None else compile
         return cls(
@@ -65,11 +66,13 @@ class Speed:
             channels_last=channels_last_is_fast(device) if channels_last is None else channels_last,
             compile=compile,
             canvases=device.type == "cuda" or compile != "off",
+            canvas_levels=CANVAS_LEVELS if canvas_levels is None else canvas_levels,
         )
 
     def __str__(self):
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp]
-        return f"amp {amp}, channels-last {self.channels_last}, compile {self.compile}, canvases {self.canvases}"
+        canvases = f"{self.canvas_levels} a side" if self.canvases else "off"
+        return f"amp {amp}, channels-last {self.channels_last}, compile {self.compile}, canvases {canvases}"
 
 
 def tune_for_speed(model, speed):
@@ -79,7 +82,7 @@ def tune_for_speed(model, speed):
         model.transform.channels_last = True
     if speed.canvases:
         transform = model.transform
-        transform.canvas_ladder = canvas_ladder(transform.min_size[0], transform.max_size)
+        transform.canvas_ladder = canvas_ladder(transform.min_size[0], transform.max_size, speed.canvas_levels)
     if speed.compile == "cudagraphs":  # no code generation: the eager kernels, replayed
         model.backbone.compile(backend="cudagraphs", dynamic=False)
     elif speed.compile == "inductor":

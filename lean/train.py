@@ -62,7 +62,7 @@ def train(config, device, process, start_up):
     cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
     start_up.mark("caches")
     out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    speed = Speed.for_device(device, config.amp, config.channels_last, config.compile)
+    speed = Speed.for_device(device, config.amp, config.channels_last, config.compile, config.canvas_levels)
     spec, model = make_model(config, run_task(config, cache, test_cache), cache, speed, device, process)
     start_up.mark("model")
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
@@ -286,6 +286,9 @@ def parse_args(argv):
                        help="compile the backbone: inductor (the flag alone) or cudagraphs (CUDA, for long runs); "
                             "default: off")  # fmt: skip
     speed.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eager")
+    speed.add_argument("--canvas-levels", type=int, help="side lengths per axis that batches are padded to where "
+                       "they are (CUDA, compiled): fewer shapes for cuDNN to choose kernels for, more padding; "
+                       "default 4")  # fmt: skip
     speed.add_argument(
         "--sync-bn", action="store_true", help="synchronise BatchNorm across processes (where the backbone has it)"
     )

@@ -63,3 +63,10 @@ def test_penn_fudan_sized_batches_meet_few_shapes_at_the_tutorials_sizes():
         assert images.image_sizes[0] == images.image_sizes[1]  # the sizes predictions are mapped back with
         assert all(s <= c for s, c in zip(images.image_sizes[0], images.tensors.shape[-2:]))
     assert len(shapes) <= 2 * CANVAS_LEVELS
+
+
+def test_fewer_canvas_levels_give_a_shorter_ladder_from_the_same_ends():
+    model = tune_for_speed(
+        create_model(ModelSpec("mobilenet_v3_fpn", pretrained=False)), Speed(canvases=True, canvas_levels=2)
+    )
+    assert model.transform.canvas_ladder == canvas_ladder(800, 1333, levels=2) == (832, 1344)

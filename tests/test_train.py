@@ -327,6 +327,7 @@ def test_torchrun_trains_with_two_processes_on_three_classes_and_only_rank_0_wri
         (["--max-iters=-5"], ["--max-iters", "at least 1"]),
         (["--seed=-1"], ["--seed", "negative"]),
         (["--test-size", "0"], ["--test-size", "at least 1"]),
+        (["--canvas-levels", "0"], ["--canvas-levels", "at least 1"]),
         (["--min-size", "900", "--max-size", "800"], ["--min-size", "--max-size"]),
     ],
 )
