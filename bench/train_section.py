@@ -65,15 +65,16 @@ def lean_training(
 
 def lean_variants(device, inductor):
     """{label: (Speed, fused SGD or None for the default, batched heads)}: lean's default for the device first,
-    then the same step with torchvision's heads, and on CUDA with the backbone replayed as CUDA graphs; with
+    then the same step with torchvision's heads, and on CUDA with the backbone replayed from CUDA graphs recorded
+    per shape (lean.graphs; dynamo's cudagraphs backend measured slower, docs/performance-log.md); with
     `inductor`, the backbone compiled by inductor. (Canvases and fused SGD were measured once on an H100,
     docs/performance-log.md, and are defaults.)"""
     default = Speed.for_device(device)
     variants = {f"lean's default ({default})": (default, None, True)}
     variants["torchvision's heads, image by image"] = (default, None, False)
     if device.type == "cuda":
-        graphs = dataclasses.replace(default, compile="cudagraphs")
-        variants["CUDA graphs (--compile cudagraphs)"] = (graphs, None, True)
+        graphs = dataclasses.replace(default, compile="graphs")
+        variants["the backbone from CUDA graphs (--compile graphs)"] = (graphs, None, True)
     if inductor:
         variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None, True)
     return variants

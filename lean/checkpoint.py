@@ -124,10 +124,10 @@ class Checkpointer:
         self.best_ap = state["best_ap"] if "best_ap" in state else state["best_segm_ap"]
         return Position(state["epoch"], state["batch"], state["iteration"])
 
-    def save(self, position, ap=None):
+    def save(self, position, ap=None, awaiting=None):
         """Write last.pt at `position`, atomically; copy it to best.pt when `ap` (the run's main AP) beats every
-        earlier one.
-        A failed write (a full disk) leaves the last good checkpoint and no temporary file."""
+        earlier one. With `awaiting` (an epoch whose AP is still being worked out), keep this last.pt aside
+        for `scored`. A failed write (a full disk) leaves the last good checkpoint and no temporary file."""
         improved = ap is not None and ap > self.best_ap
         self.best_ap = max(self.best_ap, ap if ap is not None else -1.0)
         if not self.enabled:
@@ -156,6 +156,9 @@ class Checkpointer:
             write_atomically(self.last, lambda temporary: torch.save(state, temporary))
             if improved:
                 write_atomically(self.best, lambda temporary: shutil.copyfile(self.last, temporary))
+            if awaiting is not None:  # a second name for this file, kept when last.pt is replaced
+                self._kept(awaiting).unlink(missing_ok=True)
+                os.link(self.last, self._kept(awaiting))
 
         if self.writer is None:
             write(state)
@@ -163,6 +166,22 @@ class Checkpointer:
             self.writer.wait()
             state = snapshot(state)
             self.writer.submit(lambda: write(state))
+
+    def scored(self, epoch, ap):
+        """The main AP of `epoch`, whose checkpoint was saved awaiting it: that checkpoint becomes best.pt if
+        the AP beats every earlier one."""
+        if self.writer is not None:
+            self.writer.wait()
+        kept = self._kept(epoch)
+        if ap > self.best_ap:
+            self.best_ap = ap
+            if self.enabled:
+                os.replace(kept, self.best)
+        elif self.enabled:
+            kept.unlink(missing_ok=True)
+
+    def _kept(self, epoch):
+        return self.last.with_name(f".epoch-{epoch}.awaiting-score.tmp")  # a run's start clears what a kill left
 
 
 def load(path):

@@ -119,9 +119,17 @@ def coco_eval(cache, indices, predictions, verbose=True, metrics=KINDS):
     indices = [int(index) for index in indices]
     if len(predictions) != len(indices):
         raise ValueError(f"{len(predictions)} predictions for {len(indices)} images")
-    truth = ground_truth(cache, indices)
     results = detections(indices, predictions)
-    report = {}
+    report, text = score(ground_truth(cache, indices), cache.classes, indices, results, metrics)
+    if verbose:
+        print(text)
+    return report
+
+
+def score(truth, classes, indices, results, metrics=KINDS):
+    """(report, text): coco_eval's report of pycocotools `results` against `truth` (a COCO of `indices`), and
+    the summaries and per-class table as coco_eval prints them."""
+    report, lines = {}, []
     for kind in metrics:
         if kind == "segm" and results and "segmentation" not in results[0]:
             continue
@@ -129,27 +137,22 @@ def coco_eval(cache, indices, predictions, verbose=True, metrics=KINDS):
         # (then pycocotools takes the area and box from the mask).
         other = "segmentation" if kind == "bbox" else "bbox"
         kind_results = [{key: value for key, value in result.items() if key != other} for result in results]
-        with contextlib.redirect_stdout(io.StringIO()) as quiet:
+        with contextlib.redirect_stdout(io.StringIO()):
             found = truth.loadRes(kind_results) if kind_results else _coco({**truth.dataset, "annotations": []})
             evaluator = COCOeval(truth, found, kind)
             evaluator.params.imgIds = indices
             evaluator.evaluate()
             evaluator.accumulate()
-        if verbose:
-            print(f"IoU metric: {kind}")
+        with contextlib.redirect_stdout(io.StringIO()) as summary:
             evaluator.summarize()
-        else:
-            with contextlib.redirect_stdout(quiet):
-                evaluator.summarize()
+        lines += [f"IoU metric: {kind}", summary.getvalue().rstrip("\n")]
         stats = [float(value) for value in evaluator.stats]
         report[kind] = {
             **dict(zip(STAT_NAMES, stats)),
             "stats": stats,
-            "per_class": per_class(evaluator, cache.classes),
+            "per_class": per_class(evaluator, classes),
         }
-    if verbose:
-        print(class_table(report))
-    return report
+    return report, "\n".join([*lines, class_table(report)])
 
 
 def per_class(evaluator, classes):
@@ -213,14 +216,19 @@ def predict_split(model, cache, indices, device, amp_dtype=None, batch_size=2):
     return predictions
 
 
-def evaluate(model, cache, indices, device, amp_dtype=None, verbose=True, metrics=KINDS):
-    """coco_eval of `model`'s predictions for `indices`, the model run eager (compiled, each test image's shape
-    would be one more graph, costing more than the images take) and left in the mode it came in."""
+def predict(model, cache, indices, device, amp_dtype=None):
+    """predict_split with the model run eager (compiled, each test image's shape would be one more graph, costing
+    more than the images take) and left in the mode it came in."""
     training = model.training
     with torch.compiler.set_stance("force_eager"):
         predictions = predict_split(model, cache, indices, device, amp_dtype)
     model.train(training)
-    return coco_eval(cache, indices, predictions, verbose, metrics)
+    return predictions
+
+
+def evaluate(model, cache, indices, device, amp_dtype=None, verbose=True, metrics=KINDS):
+    """coco_eval of `model`'s predictions for `indices` (`predict`)."""
+    return coco_eval(cache, indices, predict(model, cache, indices, device, amp_dtype), verbose, metrics)
 
 
 def split_of(cache, name, seed, test_size):

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from lean.canvas import CANVAS_LEVELS, canvas_ladder
+from lean.graphs import BackboneGraphs
 from lean.internals import cpu_computes_in_bf16, set_recompile_limit
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-COMPILE = ("off", "inductor", "cudagraphs")
+COMPILE = ("off", "inductor", "cudagraphs", "graphs")
 # Dynamo keeps a graph per input shape: a compiled backbone meets every canvas, at two batch sizes (an
 # epoch's last batch may be short).
 RECOMPILE_LIMIT = 2 * CANVAS_LEVELS**2
@@ -85,6 +86,8 @@ def tune_for_speed(model, speed):
         transform.canvas_ladder = canvas_ladder(transform.min_size[0], transform.max_size, speed.canvas_levels)
     if speed.compile == "cudagraphs":  # no code generation: the eager kernels, replayed
         model.backbone.compile(backend="cudagraphs", dynamic=False)
+    elif speed.compile == "graphs":  # the same, recorded without tracing: one CUDA graph per shape
+        model.backbone_graphs = BackboneGraphs(model.backbone)
     elif speed.compile == "inductor":
         # Inductor lays out a CPU model's convolutions channels-last whatever it is given; told not to,
         # it keeps the layout chosen here.

@@ -8,6 +8,7 @@ SIGTERM arrives; --resume continues from it.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -27,7 +28,7 @@ from lean.cli import Parser, add_device_argument, check_device, run
 from lean.config import DEFAULT_CACHE, SettingError, TrainConfig
 from lean.engine import RunState, StopSignals, train_one_epoch
 from lean.errors import LeanError
-from lean.evaluate import evaluate
+from lean.evaluate import detections, predict
 from lean.loader import Loader
 from lean.model import BACKBONES, TASKS, ModelSpec, create_model
 from lean.monitor import Monitor, NonFiniteLoss, StartUp, TrainingLog
@@ -35,6 +36,7 @@ from lean.optim import OPTIMIZERS, make_optimizer, make_scheduler
 from lean.pennfudan import PennFudanSource, default_root
 from lean.plot import Curves
 from lean.sampling import split_indices
+from lean.scoring import Evaluations, InlineScorer, Scorer
 from lean.speed import AMP, COMPILE, Speed, configure_process
 from lean.weights import WeightsUnavailable
 
@@ -83,7 +85,9 @@ def train(config, device, process, start_up):
         TrainingLog(out / "metrics.jsonl", process.main, config.resume) as log,
         StopSignals() as stop,
         writer,
+        scorer(config, device, test_cache, test_indices, spec, process) as scoring,
     ):
+        evaluations = Evaluations(scoring, log, checkpointer, spec.main_metric)
         position = checkpointer.resume() if config.resume else Position()
         monitor = Monitor(loader, optimizer, process, config.log_every, total_iterations, position.iteration)
         curves = Curves(out)
@@ -107,12 +111,12 @@ def train(config, device, process, start_up):
                 loader.set_epoch(epoch, position.batch if epoch == position.epoch else 0)
                 iteration = train_one_epoch(trained, run_state, speed.amp, config.clip_grad, loader, epoch, iteration,
                                             total_iterations, monitor, log, stop)  # fmt: skip
-                main_ap = None
-                if process.main and not stop.received and evaluation_due(config, epoch, iteration >= total_iterations):
-                    report = evaluate(model, test_cache, test_indices, device, speed.amp, metrics=spec.metrics)
-                    log.evaluation(epoch, report)
-                    main_ap = report[spec.main_metric]["AP"]
-                checkpointer.save(position_after(iteration, len(loader)), main_ap)
+                last = iteration >= total_iterations
+                if process.main and not stop.received and evaluation_due(config, epoch, last):
+                    predictions = predict(model, test_cache, test_indices, device, speed.amp)
+                    evaluations.start(epoch, detections(test_indices, predictions))
+                finishing = stop.received or last or epoch + 1 == config.epochs  # then wait for every score
+                checkpointer.save(position_after(iteration, len(loader)), *evaluations.collect(epoch, finishing))
                 if process.main:
                     writer.submit(lambda: log.print(curves.update()))
                 if stop.received:
@@ -127,6 +131,15 @@ def train(config, device, process, start_up):
         elapsed = timedelta(seconds=round(time.perf_counter() - monitor.started))
         log.print(f"done: {iteration} iterations in {elapsed}; {checkpointer.last}")
     return 0
+
+
+def scorer(config, device, cache, indices, spec, process):
+    """Where the run's evaluations are scored: in a process of their own on a GPU, while training goes on; at
+    once on a CPU, whose cores the step fills; nowhere without evaluations or off the main process."""
+    if config.no_eval or not process.main:
+        return contextlib.nullcontext()
+    kind = Scorer if device.type == "cuda" else InlineScorer
+    return kind(cache.path, indices, spec.metrics)
 
 
 def evaluation_due(config, epoch, last_iteration):
@@ -283,8 +296,8 @@ def parse_args(argv):
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="default: on where bf16 is (CUDA, CPUs with bf16 hardware), else off")  # fmt: skip
     speed.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE,
-                       help="compile the backbone: inductor (the flag alone) or cudagraphs (CUDA, for long runs); "
-                            "default: off")  # fmt: skip
+                       help="compile the backbone: inductor (the flag alone), cudagraphs (CUDA, dynamo's), or "
+                            "graphs (CUDA, recorded per shape without tracing); default: off")  # fmt: skip
     speed.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eager")
     speed.add_argument("--canvas-levels", type=int, help="side lengths per axis that batches are padded to where "
                        "they are (CUDA, compiled): fewer shapes for cuDNN to choose kernels for, more padding; "

@@ -1,5 +1,6 @@
 """Batched pasting against torchvision's paste_masks_in_image: the same pixels, at the image's edges too."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -52,3 +53,17 @@ def test_the_models_postprocessing_gives_torchvisions_boxes_and_masks():
     want = GeneralizedRCNNTransform.postprocess(transform, [dict(result)], sizes, originals)[0]
     assert torch.equal(got["boxes"], want["boxes"])
     assert torch.equal(got["masks"] > 0.5, want["masks"] > 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_every_pasted_pixel_is_torchvisions():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.tensor([1216.0, 800.0])
+    corners = torch.rand(100, 2, generator=generator) * image
+    boxes = torch.cat([corners, torch.minimum(corners + torch.rand(100, 2, generator=generator) * 300, image)], 1)
+    masks = torch.rand(100, 1, 28, 28, generator=generator)
+    got = paste_masks(masks.cuda(), boxes.cuda(), 800, 1216).cpu()
+    want = paste_masks_in_image(masks.cuda(), boxes.cuda(), (800, 1216)).cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    decided = (want - 0.5).abs() > 1e-5
+    assert torch.equal((got > 0.5)[decided], (want > 0.5)[decided])

@@ -346,13 +346,13 @@ def test_a_bad_cache_leaves_no_output_folder(tmp_path, capsys):
 def test_sigterm_during_the_last_evaluation_says_it_stopped(tiny, tmp_path, capsys, monkeypatch):
     import lean.train
 
-    real = lean.train.evaluate
+    real = lean.train.predict
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("lean.train.evaluate", interrupted)
+    monkeypatch.setattr("lean.train.predict", interrupted)
     argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--epochs", "1", "--out", str(tmp_path / "r")]
     status, stdout, _ = cli(train_main, argv, capsys)
     assert status == 143 and "stopped by signal" in stdout
