@@ -9,6 +9,7 @@ With --count-syncs, the step's host syncs counted on any device by bench.syncs, 
 the path a GPU takes (lean.heads' fixed shapes) whatever the device.
 """
 
+import argparse
 import dataclasses
 import statistics
 import tempfile
@@ -60,7 +61,10 @@ def parse_args(argv):
         "--no-canvases", action="store_true", help="batches padded as torchvision pads them, not to canvases"
     )
     parser.add_argument(
-        "--count-syncs", action="store_true", help="count the step's host syncs on any device (bench.syncs)"
+        "--count-syncs", action="store_true", help="count the batched heads' host syncs on any device (bench.syncs)"
+    )
+    parser.add_argument(
+        "--batched-heads", action=argparse.BooleanOptionalAction, help="default: lean.train's for the device"
     )
     args = parser.parse_args(argv)
     check_device(parser, args.device)
@@ -88,6 +92,7 @@ def sync_sites(step, batches, steps):
 def print_counted_syncs(cache, device, args, speed, batch_size):
     """Count the syncs of --steps steps of the GPU's path after one untimed step, with bench.syncs; print them by
     operation and by line and return the count a step."""
+    speed = dataclasses.replace(speed, batched_heads=True)
     step, batches = lean_training(
         cache, device, args.min_size, args.max_size, speed, lr=0.0, batch_size=batch_size, fixed_shapes=True
     )
@@ -109,7 +114,7 @@ def profile_batch_size(cache, device, args, batch_size):
     """Print lean's step at `batch_size`: the operator table (--rows), the sync sites, and a summary line."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    speed = Speed.for_device(device, compile=args.compile)
+    speed = Speed.for_device(device, compile=args.compile, batched_heads=args.batched_heads)
     if args.no_canvases:
         speed = dataclasses.replace(speed, canvases=False)
     step, batches = lean_training(cache, device, args.min_size, args.max_size, speed, lr=0.0, batch_size=batch_size)

@@ -9,7 +9,7 @@ import torch
 from bench.common import epochs, scratch_cache, time_steps
 from bench.seed_pipeline import seed_detector, seed_loader, seed_model, seed_step
 from lean.engine import train_step
-from lean.heads import torchvision_heads, use_fixed_shapes
+from lean.heads import use_fixed_shapes
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
 from lean.optim import make_optimizer, make_scheduler
@@ -35,19 +35,19 @@ def seed_training(root, device, min_size, max_size, task="segment"):
 
 def lean_training(
     cache, device, min_size, max_size, speed=None, weights=None, lr=0.005, batch_size=2, fused=None, task="segment",
-    fixed_shapes=None, batched_heads=True,
+    fixed_shapes=None,
 ):  # fmt: skip
     """(step, batches): lean.train's step fine-tuning torchvision's resnet50_fpn (a Mask R-CNN, or for `task`
     detect a Faster R-CNN) from `weights` (a state dict; if not given, the seed model's fixed random init) with
     `speed` (default: lean's for the device), and the Loader's batches without end. `fixed_shapes`: the heads'
-    path (lean.heads.use_fixed_shapes; None: by device); without `batched_heads`, torchvision's own heads."""
+    path where the speed has batched heads (lean.heads.use_fixed_shapes; None: by device)."""
     if weights is None:
         torch.manual_seed(0)
         weights = SEED_MODELS[task](min_size, max_size).state_dict()
     speed = speed or Speed.for_device(device)
     spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, task=task)  # the fine-tuning layout
     model = create_model(spec, weights, speed, device).train()
-    model = use_fixed_shapes(model, fixed_shapes) if batched_heads else torchvision_heads(model)
+    model = use_fixed_shapes(model, fixed_shapes) if speed.batched_heads else model
     optimizer = make_optimizer(model, lr, fused=fused)
     loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8, masks=spec.masks)
     scheduler = make_scheduler(optimizer, len(loader))
@@ -64,19 +64,18 @@ def lean_training(
 
 
 def lean_variants(device, inductor):
-    """{label: (Speed, fused SGD or None for the default, batched heads)}: lean's default for the device first,
-    then the same step with torchvision's heads, and on CUDA with the backbone replayed from CUDA graphs recorded
-    per shape (lean.graphs; dynamo's cudagraphs backend measured slower, docs/performance-log.md); with
-    `inductor`, the backbone compiled by inductor. (Canvases and fused SGD were measured once on an H100,
-    docs/performance-log.md, and are defaults.)"""
+    """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then the same
+    step with its heads the other way (batched or torchvision's), and on CUDA with the backbone replayed as CUDA
+    graphs; with `inductor`, the backbone compiled by inductor. (Canvases and fused SGD were measured once on
+    an H100, docs/performance-log.md, and are defaults.)"""
     default = Speed.for_device(device)
-    variants = {f"lean's default ({default})": (default, None, True)}
-    variants["torchvision's heads, image by image"] = (default, None, False)
+    other_heads = dataclasses.replace(default, batched_heads=not default.batched_heads)
+    variants = {f"lean's default ({default})": (default, None)}
+    variants["batched heads" if other_heads.batched_heads else "torchvision's heads"] = (other_heads, None)
     if device.type == "cuda":
-        graphs = dataclasses.replace(default, compile="graphs")
-        variants["the backbone from CUDA graphs (--compile graphs)"] = (graphs, None, True)
+        variants["CUDA graphs (--compile cudagraphs)"] = (dataclasses.replace(default, compile="cudagraphs"), None)
     if inductor:
-        variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None, True)
+        variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None)
     return variants
 
 
@@ -109,11 +108,10 @@ def _task_rows(root, steps, warmup, min_size, max_size, device, inductor, scratc
     if task == "detect":  # lean's defaults and torchvision's heads: the other variants' figures are the segment model's
         variants = dict(list(variants.items())[:2])
     model = "Mask R-CNN" if task == "segment" else "Faster R-CNN"
-    for label, (speed, fused, batched_heads) in variants.items():
+    for label, (speed, fused) in variants.items():
         lean_step, lean_batches = lean_training(
-            cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused, task=task,
-            batched_heads=batched_heads,
-        )  # fmt: skip
+            cache, device, min_size, max_size, speed, weights, lr=0.0, fused=fused, task=task
+        )
         waits, totals = time_steps(lean_step, lean_batches, warmup + steps, sync)
         median = statistics.median(totals[warmup:])
         rate = 2 / median

@@ -234,7 +234,7 @@ def run_config(state):
 # it learns from or how.
 RESUMABLE = (
     "epochs", "max_iters", "log_every", "eval_every", "no_eval", "device", "amp", "channels_last", "compile",
-    "canvas_levels",
+    "canvas_levels", "batched_heads",
 )  # fmt: skip
 
 

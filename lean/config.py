@@ -55,6 +55,7 @@ class TrainConfig:
     channels_last: bool | None = None
     compile: str | None = None
     canvas_levels: int | None = None  # side lengths per axis batches are padded to; None: lean.canvas's
+    batched_heads: bool | None = None  # lean.heads, or torchvision's heads image by image; None: by device
     sync_bn: bool = False
     # run
     out: Path | None = None
@@ -81,8 +82,8 @@ class TrainConfig:
             raise SettingError("min_size", f"{self.min_size} is more than --max-size {self.max_size}")
         if self.device == "cpu" and self.amp == "fp16":
             raise SettingError("amp", "fp16 is for CUDA; use bf16 or off on the CPU")
-        if self.device == "cpu" and self.compile in ("cudagraphs", "graphs"):
-            raise SettingError("compile", f"{self.compile} is for CUDA; use inductor on the CPU")
+        if self.device == "cpu" and self.compile == "cudagraphs":
+            raise SettingError("compile", "cudagraphs is for CUDA; use inductor on the CPU")
 
     def to_dict(self):
         """Plain values only (paths as strings), as a checkpoint stores them."""

@@ -69,7 +69,7 @@ class _BatchedTraining:
             return super().forward(images, targets)
         # torchvision's per-image check for degenerate boxes is left out: lean's loader leaves them out on the host.
         images, targets = self.transform(images, targets)
-        features = getattr(self, "backbone_graphs", self.backbone)(images.tensors)  # lean.graphs, where on
+        features = self.backbone(images.tensors)
         if isinstance(features, torch.Tensor):
             features = OrderedDict([("0", features)])
         proposals, proposal_losses = self.rpn(images, features, targets)

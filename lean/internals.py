@@ -8,6 +8,7 @@ from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import compilation_time_metrics, counters
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor as resnet_fpn_extractor
 from torchvision.models.detection.transform import _resize_image_and_masks as resize_image_and_masks
 from torchvision.ops.poolers import _convert_to_roi_format as rois_in_roi_format
 from torchvision.ops.poolers import _filter_input as feature_maps_named
@@ -22,6 +23,7 @@ __all__ = [
     "overwrite_eps",
     "pyramid_scales",
     "resize_image_and_masks",
+    "resnet_fpn_extractor",
     "rois_in_roi_format",
     "set_recompile_limit",
 ]

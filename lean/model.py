@@ -5,6 +5,9 @@ the same backbones, anchors and box heads without the mask branch (the tutorial'
 
     resnet50_fpn      the tutorial's fine-tuning recipe: torchvision's Mask R-CNN
                       with its box and mask predictors replaced for num_classes
+    resnet50_fpn_v2   the same recipe on torchvision's better v2 models (47.4 box /
+                      41.8 mask AP on COCO against 37.9 / 34.6): live BatchNorm,
+                      convolutional box head, a deeper RPN head
     mobilenet_v2      the tutorial's second recipe: MobileNetV2 features as the
                       backbone (1280 channels, one feature map), 5 x 3 anchors
     mobilenet_v3_fpn  MobileNetV3-Large with an FPN: small and fast, for CPUs and tests
@@ -14,10 +17,10 @@ the same backbones, anchors and box heads without the mask branch (the tutorial'
 Every model takes uint8 or float images: lean's transform folds the uint8 to
 [0, 1] conversion into its normalisation, so the loader can hand over the
 bytes it read. Every model pools its regions with lean.roi_align's
-SparseRoIAlign: torchvision's results, several times faster on the CPU. Every
-model trains its RPN and RoI heads over the whole batch at once (lean.heads):
-torchvision's losses from torchvision's regions, without its per-image host
-syncs. And every frozen BatchNorm is folded into the convolution before it
+SparseRoIAlign: torchvision's results, several times faster on the CPU. With
+a speed whose batched_heads is on, the RPN and RoI heads train over the whole
+batch at once (lean.heads): torchvision's losses from torchvision's regions,
+without its per-image host syncs. And every frozen BatchNorm is folded into the convolution before it
 (lean.frozen_norm): the same function, one pass over the activations.
 """
 
@@ -28,14 +31,17 @@ import torch
 import torchvision
 from torchvision.models.detection import (
     FasterRCNN,
+    FasterRCNN_ResNet50_FPN_V2_Weights,
     FasterRCNN_ResNet50_FPN_Weights,
     MaskRCNN,
+    MaskRCNN_ResNet50_FPN_V2_Weights,
     MaskRCNN_ResNet50_FPN_Weights,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone, resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -43,14 +49,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from lean.canvas import pad_to_canvas
 from lean.errors import LeanError, reason
 from lean.frozen_norm import fold_frozen_norms
-from lean.heads import batch_heads
-from lean.internals import overwrite_eps, resize_image_and_masks
+from lean.internals import overwrite_eps, resize_image_and_masks, resnet_fpn_extractor
 from lean.paste import paste_masks
 from lean.roi_align import SparseRoIAlign
 from lean.speed import tune_for_speed
 from lean.weights import downloading
 
-BACKBONES = ("resnet50_fpn", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
+BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v2", "mobilenet_v3_fpn", "resnet18_fpn")
+COCO_BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2")  # downloaded whole from COCO; the others' trunk from ImageNet
 TASKS = ("segment", "detect")  # Mask R-CNN: boxes and masks; Faster R-CNN: boxes
 MASK_HIDDEN = 256
 SMALL_HIDDEN = 128  # channels of mobilenet_v3_fpn's mask head; its box head has 4x this
@@ -183,7 +189,7 @@ def create_model(spec, state=None, speed=None, device="cpu", download=False):
     """
     if download and not spec.pretrained:
         raise ValueError("downloaded weights come in the pretrained layout")
-    with downloading("COCO" if spec.backbone == "resnet50_fpn" else "ImageNet"):
+    with downloading("COCO" if spec.backbone in COCO_BACKBONES else "ImageNet"):
         model = _BUILDERS[spec.backbone](
             spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size, spec.masks
         )
@@ -193,7 +199,6 @@ def create_model(spec, state=None, speed=None, device="cpu", download=False):
     heads.box_roi_pool = SparseRoIAlign.like(heads.box_roi_pool)
     if spec.masks:
         heads.mask_roi_pool = SparseRoIAlign.like(heads.mask_roi_pool)
-    batch_heads(model)
     if state is not None:
         try:
             model.load_state_dict(_with_own_predictors(model, state))
@@ -255,6 +260,35 @@ def _resnet50_fpn(num_classes, pretrained, download, min_size, max_size, masks=T
     if masks:
         mask_features = model.roi_heads.mask_predictor.conv5_mask.in_channels
         model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_features, MASK_HIDDEN, num_classes)
+    return model
+
+
+def _resnet50_fpn_v2(num_classes, pretrained, download, min_size, max_size, masks=True):
+    # maskrcnn_resnet50_fpn_v2's (fasterrcnn_resnet50_fpn_v2's) model, built here so that weights from a file get
+    # the layout it gives downloaded ones: BatchNorm live throughout, the first stages fixed when pretrained.
+    backbone = resnet_fpn_extractor(
+        torchvision.models.resnet50(weights=None), 3 if pretrained else 5, norm_layer=torch.nn.BatchNorm2d
+    )
+    anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    channels = backbone.out_channels
+    mask_branch = {"mask_head": MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=torch.nn.BatchNorm2d)}
+    model = _detector(
+        masks,
+        backbone,
+        mask_branch,
+        num_classes=91,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+        box_head=FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=torch.nn.BatchNorm2d),
+    )
+    if download:
+        published = MaskRCNN_ResNet50_FPN_V2_Weights if masks else FasterRCNN_ResNet50_FPN_V2_Weights
+        model.load_state_dict(published.COCO_V1.get_state_dict(progress=True, check_hash=True))
+    model.roi_heads.box_predictor = FastRCNNPredictor(1024, num_classes)
+    if masks:
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(256, MASK_HIDDEN, num_classes)
     return model
 
 
@@ -367,6 +401,7 @@ def _small_detector(
 
 _BUILDERS = {
     "resnet50_fpn": _resnet50_fpn,
+    "resnet50_fpn_v2": _resnet50_fpn_v2,
     "mobilenet_v2": _mobilenet_v2,
     "mobilenet_v3_fpn": _mobilenet_v3_fpn,
     "resnet18_fpn": _resnet18_fpn,

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from lean.canvas import CANVAS_LEVELS, canvas_ladder
-from lean.graphs import BackboneGraphs
+from lean.heads import batch_heads
 from lean.internals import cpu_computes_in_bf16, set_recompile_limit
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-COMPILE = ("off", "inductor", "cudagraphs", "graphs")
+COMPILE = ("off", "inductor", "cudagraphs")
 # Dynamo keeps a graph per input shape: a compiled backbone meets every canvas, at two batch sizes (an
 # epoch's last batch may be short).
 RECOMPILE_LIMIT = 2 * CANVAS_LEVELS**2
@@ -47,6 +47,13 @@ def default_compile(device):
     return "off"
 
 
+def batched_heads_pay(device):
+    """Not measurably, anywhere yet: on an H200 at the tutorial's batch of 2, with 3 host syncs a step instead of
+    about 45, the step ran +3 % and -12 % in two runs (it is bound by launching kernels, not by waiting); on a
+    2-core CPU -5 % (docs/performance.md). `--batched-heads` keeps them for larger batches."""
+    return False
+
+
 @dataclass(frozen=True)
 class Speed:
     """A model's speed settings. `canvases`: pad each batch to one of a few fixed shapes, so that shape-keyed
@@ -57,9 +64,10 @@ class Speed:
     compile: str = "off"
     canvases: bool = False
     canvas_levels: int = CANVAS_LEVELS
+    batched_heads: bool = False  # lean.heads; off: torchvision's RPN and RoI heads, image by image
 
     @classmethod
-    def for_device(cls, device, amp=None, channels_last=None, compile=None, canvas_levels=None):
+    def for_device(cls, device, amp=None, channels_last=None, compile=None, canvas_levels=None, batched_heads=None):
         """What measured fastest on `device`; any setting given overrides its default."""
         compile = default_compile(device) if compile is None else compile
         return cls(
@@ -68,16 +76,21 @@ class Speed:
             compile=compile,
             canvases=device.type == "cuda" or compile != "off",
             canvas_levels=CANVAS_LEVELS if canvas_levels is None else canvas_levels,
+            batched_heads=batched_heads_pay(device) if batched_heads is None else batched_heads,
         )
 
     def __str__(self):
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp]
         canvases = f"{self.canvas_levels} a side" if self.canvases else "off"
-        return f"amp {amp}, channels-last {self.channels_last}, compile {self.compile}, canvases {canvases}"
+        heads = "batched" if self.batched_heads else "torchvision's"
+        return (f"amp {amp}, channels-last {self.channels_last}, compile {self.compile}, canvases {canvases}, "
+                f"{heads} heads")  # fmt: skip
 
 
 def tune_for_speed(model, speed):
     """Apply `speed` to a lean model in place (its state dict keys unchanged) and return it."""
+    if speed.batched_heads:
+        batch_heads(model)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
         model.transform.channels_last = True
@@ -86,8 +99,6 @@ def tune_for_speed(model, speed):
         transform.canvas_ladder = canvas_ladder(transform.min_size[0], transform.max_size, speed.canvas_levels)
     if speed.compile == "cudagraphs":  # no code generation: the eager kernels, replayed
         model.backbone.compile(backend="cudagraphs", dynamic=False)
-    elif speed.compile == "graphs":  # the same, recorded without tracing: one CUDA graph per shape
-        model.backbone_graphs = BackboneGraphs(model.backbone)
     elif speed.compile == "inductor":
         # Inductor lays out a CPU model's convolutions channels-last whatever it is given; told not to,
         # it keeps the layout chosen here.

@@ -64,7 +64,9 @@ def train(config, device, process, start_up):
     cache, train_indices, test_cache, test_indices = datasets(config)  # inputs first: a bad one leaves no folder
     start_up.mark("caches")
     out = config.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    speed = Speed.for_device(device, config.amp, config.channels_last, config.compile, config.canvas_levels)
+    speed = Speed.for_device(
+        device, config.amp, config.channels_last, config.compile, config.canvas_levels, config.batched_heads
+    )
     spec, model = make_model(config, run_task(config, cache, test_cache), cache, speed, device, process)
     start_up.mark("model")
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
@@ -149,7 +151,7 @@ def evaluation_due(config, epoch, last_iteration):
 
 def cpu_hint(config, device):
     """One line of what to expect, for the tutorial's model at its sizes on a CPU; None elsewhere."""
-    if device.type != "cpu" or config.backbone != "resnet50_fpn" or config.max_size <= 640:
+    if device.type != "cpu" or not config.backbone.startswith("resnet50_fpn") or config.max_size <= 640:
         return None
     sizes = f"{config.min_size}/{config.max_size} px"
     return (f"on a CPU a resnet50_fpn step at {sizes} takes seconds to a minute (hours for 10 epochs); "
@@ -296,12 +298,15 @@ def parse_args(argv):
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="default: on where bf16 is (CUDA, CPUs with bf16 hardware), else off")  # fmt: skip
     speed.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE,
-                       help="compile the backbone: inductor (the flag alone), cudagraphs (CUDA, dynamo's), or "
-                            "graphs (CUDA, recorded per shape without tracing); default: off")  # fmt: skip
+                       help="compile the backbone: inductor (the flag alone) or cudagraphs (CUDA, for long runs); "
+                            "default: off")  # fmt: skip
     speed.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eager")
     speed.add_argument("--canvas-levels", type=int, help="side lengths per axis that batches are padded to where "
                        "they are (CUDA, compiled): fewer shapes for cuDNN to choose kernels for, more padding; "
                        "default 4")  # fmt: skip
+    speed.add_argument("--batched-heads", action=argparse.BooleanOptionalAction,
+                       help="train the RPN and RoI heads over the batch at once, 3 host syncs a step (lean.heads); "
+                            "default: off, as it has not paid at batch 2 (docs/performance.md)")  # fmt: skip
     speed.add_argument(
         "--sync-bn", action="store_true", help="synchronise BatchNorm across processes (where the backbone has it)"
     )

@@ -3,6 +3,7 @@ to by a test), the small model's flags, fake sources, and helpers that run comma
 
 import contextlib
 import hashlib
+import http.server
 import io
 import os
 import threading
@@ -264,3 +265,31 @@ def trained(three_classes, tmp_path_factory):
 def run_train(argv, capsys):
     """lean.train run in-process: (exit status, stdout, stderr)."""
     return cli(train_main, argv, capsys)
+
+
+@pytest.fixture
+def serve():
+    """serve(bytes, name) -> URL of those bytes, a file of that name, on a loopback HTTP server, stopped after the
+    test."""
+    servers = []
+
+    def start(payload, name="PennFudanPed.zip"):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/{name}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -1,9 +1,7 @@
 """The PennFudan download, against a zip served from this machine: checksum, safe extraction, offline message."""
 
 import hashlib
-import http.server
 import io
-import threading
 import zipfile
 
 import pytest
@@ -19,33 +17,6 @@ def _zip(members):
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def serve():
-    """serve(bytes) -> URL of those bytes on a loopback HTTP server, stopped after the test."""
-    servers = []
-
-    def start(payload):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}/PennFudanPed.zip"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 GOOD = _zip(

@@ -10,6 +10,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from bench.syncs import count_syncs
 from lean.heads import (
+    batch_heads,
     decode,
     encode,
     in_order,
@@ -135,7 +136,7 @@ def test_the_fixed_shape_path_gives_torchvisions_losses(recipe, task, device, mo
     torch.manual_seed(0)
     reference = builders.get((recipe, task), seed_mobilenet_detector)(160, 256).to(device).train()
     spec = ModelSpec(recipe, min_size=160, max_size=256, pretrained=recipe == "resnet50_fpn", task=task)
-    model = use_fixed_shapes(create_model(spec, reference.state_dict(), device=device).train())
+    model = use_fixed_shapes(batch_heads(create_model(spec, reference.state_dict(), device=device)).train())
     images, targets = _first_batch(device, masks=task == "segment")
     torch.manual_seed(1)
     got = model(images, targets)
@@ -148,7 +149,7 @@ def test_a_training_step_syncs_at_most_three_times_on_the_gpus_path(backbone, ba
     16 the small detector: the same heads with a quarter of the proposals, so the CPU's NMS fits the suite.)"""
     torch.manual_seed(0)
     spec = ModelSpec(backbone, min_size=96, max_size=128, pretrained=backbone == "resnet50_fpn")
-    model = use_fixed_shapes(create_model(spec).train())
+    model = use_fixed_shapes(batch_heads(create_model(spec)).train())
     images, targets = _first_batch("cpu")
     images, targets = images * (batch_size // 2), targets * (batch_size // 2)
     sum(model(images, targets).values()).backward()  # the first step: constants made, NMS's rounds settled

@@ -3,6 +3,7 @@
 import torch
 
 from lean.loader import Loader
+from lean.speed import Speed, tune_for_speed
 
 
 def test_training_has_glibc_keep_freed_batches_and_a_loader_leaves_the_process_alone(cache, monkeypatch):
@@ -41,3 +42,15 @@ def test_freed_blocks_past_glibcs_mapping_threshold_are_reused_not_faulted_in_ag
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < pages, faults  # mapped afresh, each of the 5 would fault in all its pages again
+
+
+def test_the_heads_are_torchvisions_unless_batched_heads_are_asked_for():
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from lean.heads import BatchedRPN
+    from lean.model import ModelSpec, create_model
+
+    assert not Speed.for_device(torch.device("cpu")).batched_heads  # measured: docs/performance.md
+    model = create_model(ModelSpec("mobilenet_v3_fpn", pretrained=False))
+    assert type(tune_for_speed(model, Speed()).rpn) is RegionProposalNetwork
+    assert isinstance(tune_for_speed(model, Speed(batched_heads=True)).rpn, BatchedRPN)

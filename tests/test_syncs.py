@@ -96,6 +96,8 @@ def _debug_mode_sites(function):
 @CUDA
 def test_on_a_gpu_the_counter_agrees_with_sync_debug_mode_operation_by_operation():
     for name, snippet in _syncing_snippets("cuda") + _free_snippets("cuda"):
+        if name == "nms":  # torchvision's CUDA NMS reads its kept count inside its own C++ (a masked_select), where
+            continue  # the debug mode gave no warning on an H200 (2026-11-30): it waits all the same
         torch.cuda.synchronize()
         with count_syncs() as syncs:
             snippet()
@@ -105,11 +107,12 @@ def test_on_a_gpu_the_counter_agrees_with_sync_debug_mode_operation_by_operation
 
 @CUDA
 def test_on_a_gpu_a_training_step_syncs_where_counted_and_at_most_three_times():
+    from lean.heads import batch_heads
     from lean.model import ModelSpec, create_model
     from tests.test_model import _first_batch
 
     torch.manual_seed(0)
-    model = create_model(ModelSpec("resnet50_fpn", min_size=160, max_size=256), device="cuda").train()
+    model = batch_heads(create_model(ModelSpec("resnet50_fpn", min_size=160, max_size=256), device="cuda")).train()
     images, targets = _first_batch("cuda")
 
     def step():
