@@ -72,11 +72,16 @@ def data_section(root, repeats, scratch):
     ):
         loader = Loader(cache, batch_size=2, device="cpu", dtype=dtype)
         lean_rates[f"Loader on CPU, {use}, images/s"] = count / median_seconds(loader_epoch(loader), repeats)
+    boxes_only = Loader(cache, batch_size=2, device="cpu", dtype=torch.uint8, masks=False)
+    lean_rates["Loader on CPU, uint8, boxes alone (a --task detect run), images/s"] = count / median_seconds(
+        loader_epoch(boxes_only), repeats
+    )
     if torch.cuda.is_available():
-        loader = Loader(cache, batch_size=2, device="cuda")
-        lean_rates["Loader on CUDA, float32, images/s"] = count / median_seconds(
-            loader_epoch(loader, cuda=True), repeats
-        )
+        for masks, what in ((True, "float32"), (False, "float32, boxes alone")):
+            loader = Loader(cache, batch_size=2, device="cuda", masks=masks)
+            lean_rates[f"Loader on CUDA, {what}, images/s"] = count / median_seconds(
+                loader_epoch(loader, cuda=True), repeats
+            )
     for measure, rate in lean_rates.items():
         rows.append(("data", measure, baseline, seed_rate, rate, rate / seed_rate))
     if torch.cuda.is_available():

@@ -64,10 +64,7 @@ class Scorer:
                 if not self.process.is_alive():
                     raise LeanError("the scoring process ended without scoring the last evaluation") from None
         self.pending -= 1
-        epoch, report, text = message
-        if report is None:
-            raise LeanError(f"scoring epoch {epoch}'s evaluation failed: {text}")
-        return epoch, report, text
+        return _delivered(*message)
 
     def __enter__(self):
         return self
@@ -88,11 +85,11 @@ class InlineScorer:
         self.done = []
 
     def submit(self, epoch, results):
-        self.done.append((epoch, *self.score(results)))
+        self.done.append((epoch, *_scored(self.score, results)))
 
     def ready(self):
         done, self.done = self.done, []
-        return done
+        return [_delivered(*message) for message in done]
 
     wait = ready
 
@@ -113,15 +110,25 @@ def _scoring(cache_path, indices, metrics):
     return lambda results: score(truth, cache.classes, indices, results, metrics)
 
 
+def _scored(scoring, results):
+    """(report, text), or (None, why) where scoring failed: the training process says so in one line."""
+    try:
+        return scoring(results)
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _delivered(epoch, report, text):
+    if report is None:
+        raise LeanError(f"scoring epoch {epoch}'s evaluation failed: {text}")
+    return epoch, report, text
+
+
 def _serve(cache_path, indices, metrics, jobs, reports):
     scoring = _scoring(cache_path, indices, metrics)
     while (job := jobs.get()) is not None:
         epoch, results = job
-        try:
-            report, text = scoring(results)
-        except Exception as error:  # reported to the training process, which says so in one line
-            report, text = None, f"{type(error).__name__}: {error}"
-        reports.put((epoch, report, text))
+        reports.put((epoch, *_scored(scoring, results)))
 
 
 class Evaluations:

@@ -22,23 +22,19 @@ def _predictions(cache, indices, jitter):
 
 
 @pytest.mark.parametrize("kind", [Scorer, InlineScorer])
-def test_a_scorer_reports_what_coco_eval_reports_epoch_by_epoch(tiny, kind):
+def test_a_scorer_reports_what_coco_eval_reports_epoch_by_epoch_and_a_failure_in_one_line(tiny, kind):
     cache, indices = Cache(tiny), [0, 2, 3]
     wanted = {epoch: coco_eval(cache, indices, _predictions(cache, indices, epoch), verbose=False) for epoch in (1, 2)}
     with kind(tiny, indices, ("bbox", "segm")) as scorer:
         for epoch in (1, 2):
             scorer.submit(epoch, detections(indices, _predictions(cache, indices, epoch)))
         reports = scorer.wait()
-    assert [epoch for epoch, _, _ in reports] == [1, 2]
-    for epoch, report, text in reports:
-        assert report == wanted[epoch] and "IoU metric: segm" in text
-
-
-def test_a_scoring_process_that_fails_is_one_line(tiny):
-    with Scorer(tiny, [0], ("bbox",)) as scorer:
+        assert [epoch for epoch, _, _ in reports] == [1, 2]
+        for epoch, report, text in reports:
+            assert report == wanted[epoch] and "IoU metric: segm" in text
         scorer.submit(4, [{"image_id": 0, "category_id": 1, "bbox": "not a box", "score": 1.0}])
         with pytest.raises(LeanError, match="scoring epoch 4's evaluation failed"):
-            scorer.wait()
+            scorer.wait()  # and the scorer goes on serving
 
 
 class LateScorer:

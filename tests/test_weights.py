@@ -66,36 +66,31 @@ def test_a_detect_model_downloads_torchvisions_faster_rcnn_coco_weights(tmp_path
     assert RAN == []
 
 
-@pytest.mark.parametrize("task", ["segment", "detect"])
-def test_a_v2_model_downloads_torchvisions_v2_coco_weights(task, tmp_path, monkeypatch):
-    from torchvision.models import detection
+def test_a_v2_model_downloads_torchvisions_v2_coco_weights(tmp_path, monkeypatch):
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    published = {
-        "segment": detection.MaskRCNN_ResNet50_FPN_V2_Weights,
-        "detect": detection.FasterRCNN_ResNet50_FPN_V2_Weights,
-    }
-    url = published[task].COCO_V1.url
+    url = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url
     cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
     cached.parent.mkdir(parents=True)
     torch.save({"weight": Payload()}, cached)  # the file the v2 model asks torch.hub for, and no other
-    spec = ModelSpec("resnet50_fpn_v2", min_size=128, max_size=224, task=task)
+    spec = ModelSpec("resnet50_fpn_v2", min_size=128, max_size=224)
     with pytest.raises(WeightsUnavailable, match="COCO weights file there holds more than tensors"):
         create_model(spec, download=True)
     assert RAN == []
 
 
 def test_v2_weights_fetched_from_a_server_are_checked_against_their_published_hash(tmp_path, monkeypatch, serve):
-    """The real download path (torch.hub over HTTP, loopback here): a file whose bytes do not match the hash its
-    name publishes is refused in one line, and nothing is left in the cache to load next time."""
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights
+    """The real download path (torch.hub over HTTP, loopback here) of the Faster R-CNN v2 weights: a file whose
+    bytes do not match the hash its name publishes is refused in one line, and nothing is left in the cache."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.save({"not": torch.zeros(1)}, tmp_path / "forged.pth")
-    name = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url.rsplit("/", 1)[1]
+    name = FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url.rsplit("/", 1)[1]
     monkeypatch.setattr(
-        MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.value, "url", serve((tmp_path / "forged.pth").read_bytes(), name)
+        FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.value, "url", serve((tmp_path / "forged.pth").read_bytes(), name)
     )
     with pytest.raises(WeightsUnavailable, match=r"cannot download the COCO weights .*hash"):
-        create_model(ModelSpec("resnet50_fpn_v2", min_size=128, max_size=224), download=True)
+        create_model(ModelSpec("resnet50_fpn_v2", min_size=128, max_size=224, task="detect"), download=True)
     assert not (tmp_path / "hub" / "checkpoints" / name).exists()
