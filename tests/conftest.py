@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -293,3 +294,9 @@ def serve():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def foreground_ctrl_c():
+    """Let the command take Ctrl-C as in a terminal, even when these tests run as a background job (which ignores
+    it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

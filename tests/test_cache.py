@@ -23,7 +23,16 @@ from lean.pennfudan import PennFudanSource
 from lean.synthetic import SyntheticSource, synthesize
 from lean.targets import targets
 from lean.train import main as train_main
-from tests.conftest import QUICK, ArraySource, build_writing, cli, one_line, wait_for, write_pennfudan
+from tests.conftest import (
+    QUICK,
+    ArraySource,
+    build_writing,
+    cli,
+    foreground_ctrl_c,
+    one_line,
+    wait_for,
+    write_pennfudan,
+)
 from tests.strategies import instance_maps
 
 
@@ -257,12 +266,6 @@ def test_failed_build_leaves_the_old_cache_untouched(tmp_path, workers):
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
 
 
-def _foreground_ctrl_c():
-    """Let the command take Ctrl-C as in a terminal, even when these tests run as a background job (which ignores
-    it)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_during_a_build_leaves_the_old_cache_untouched(tmp_path):
     out = tmp_path / "c.h5"
     build(SyntheticSource(3, 0), out, workers=0, progress=False)
@@ -272,7 +275,7 @@ def test_ctrl_c_during_a_build_leaves_the_old_cache_untouched(tmp_path):
         [*command, "--out", str(out), "--workers", "2"],
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_foreground_ctrl_c,
+        preexec_fn=foreground_ctrl_c,
     )
     assert wait_for(build_writing(tmp_path, out.name))  # well into decoding
     process.send_signal(signal.SIGINT)

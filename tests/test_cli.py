@@ -11,7 +11,7 @@ from lean.cache.command import main as cache_main
 from lean.evaluate import main as evaluate_main
 from lean.predict import main as predict_main
 from lean.train import main as train_main
-from tests.conftest import QUICK, build_writing, cli, one_line, wait_for
+from tests.conftest import QUICK, build_writing, cli, foreground_ctrl_c, one_line, wait_for
 
 
 def test_numeric_arguments_of_build_and_predict_are_checked_too(run_dir, tmp_path, capsys):
@@ -70,7 +70,9 @@ def test_ctrl_c_while_the_build_command_starts_is_one_line(tmp_path, when):
     timing = ["-X", "importtime"] if when == "torch loading" else []  # each import as a line on stderr
     command = [sys.executable, *timing, "-m", "lean.cache", "build", "--source", "synthetic",
                "--num-images", "3000", "--workers", "2", "--out", str(out)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=foreground_ctrl_c
+    )
     if when == "torch loading":  # the first of torch's modules is in: torch itself is loading
         assert _until_importing(process, "torch")
     else:
