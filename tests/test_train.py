@@ -473,3 +473,13 @@ def test_a_cache_of_boxes_alone_trains_a_faster_rcnn_by_default_and_refuses_a_ma
                                    str(out)], capsys)  # fmt: skip
     assert status == 0 and "IoU metric: bbox" in stdout and "IoU metric: segm" not in stdout
     assert torch.load(out / "last.pt", weights_only=True)["model_spec"]["task"] == "detect"
+
+
+def test_a_run_with_batched_heads_trains_evaluates_and_resumes_without_them(tiny, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--out", str(out)]
+    status, stdout, _ = cli(train_main, [*argv, "--epochs", "1", "--batched-heads"], capsys)
+    assert status == 0 and "batched heads" in stdout and (out / "best.pt").is_file()
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["batched_heads"] is True
+    status, stdout, _ = cli(train_main, [*argv, "--epochs", "2", "--resume", "--no-batched-heads"], capsys)
+    assert status == 0 and "torchvision's heads" in stdout  # a speed setting: a resumed run may change it
