@@ -8,8 +8,8 @@ import pytest
 
 LEAN = Path(__file__).resolve().parent.parent / "lean"
 FLOORS = [
-    "errors progress masks targets sampling canvas internals heads",  # plain data, private names, torchvision's heads
-    "files config cli download example images weights engine optim distributed frozen_norm roi_align paste "
+    "errors progress masks targets sampling canvas internals heads paste",  # plain data, private names, torch alone
+    "files config cli download example images weights engine optim distributed frozen_norm roi_align transform "
     "speed background coco_fields cache.format cache.verify",
     "coco pennfudan synthetic cache.writer cache.reader cache.export cache.__main__ staging monitor model plot",
     "sources cache loader checkpoint",

@@ -37,7 +37,7 @@ def test_every_pasted_pixel_is_torchvisions(seed, count, height, width, size):
 def test_the_models_postprocessing_gives_torchvisions_boxes_and_masks():
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from lean.model import Uint8Transform
+    from lean.transform import Uint8Transform
 
     transform = Uint8Transform(320, 512, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()
     generator = torch.Generator().manual_seed(1)
