@@ -174,8 +174,8 @@ class BatchedRoIHeads(RoIHeads):
         mask_positions = None
         if self.has_mask():
             mask_positions = torch.nonzero_static(labels > 0, size=sum(positive_counts)).squeeze(1)
-        level_counts = read_level_counts(self.box_roi_pool, features, rois, image_shapes, mask_positions)
-        box_features = self.box_roi_pool.pool(features, rois, image_shapes, level_counts[0])
+        levels, level_counts = read_levels(self.box_roi_pool, features, rois, image_shapes, mask_positions)
+        box_features = self.box_roi_pool.pool(features, rois, image_shapes, levels, level_counts[0])
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
         losses = dict(
             zip(
@@ -185,7 +185,8 @@ class BatchedRoIHeads(RoIHeads):
         )
         if self.has_mask():
             mask_rois = rois[mask_positions]
-            mask_features = self.mask_roi_pool.pool(features, mask_rois, image_shapes, level_counts[1])
+            mask_levels = levels[mask_positions]  # the box pool's levels: the two pools share their feature maps
+            mask_features = self.mask_roi_pool.pool(features, mask_rois, image_shapes, mask_levels, level_counts[1])
             mask_logits = self.mask_predictor(self.mask_head(mask_features))
             losses["loss_mask"] = mask_loss(
                 mask_logits, mask_rois[:, 1:], [t["masks"] for t in targets], labels[mask_positions],
@@ -202,27 +203,26 @@ def padded_gt(targets, key, dtype=None):
     """Each image's targets[key] padded to the batch's most instances (one at least): (N, G, ...) and valid (N, G).
     Padding boxes are [0, 0, 1, 1]: finite wherever they are coded, never matched."""
     values = [t[key] if dtype is None else t[key].to(dtype) for t in targets]
-    most = max(1, *(len(v) for v in values))
-    filler = values[0].new_zeros(4 if key == "boxes" else ())
-    if key == "boxes":
-        filler[2:] = 1.0  # filled on the device: a tensor made from host numbers would be a copy that waits
-    padded = filler.expand(len(values), most, *filler.shape).clone()
-    valid = torch.zeros(len(values), most, dtype=torch.bool, device=values[0].device)
-    for image, v in enumerate(values):
-        padded[image, : len(v)] = v
-        valid[image, : len(v)] = True
-    return padded, valid
+    return _padded(values, max(1, *(len(v) for v in values)))
 
 
 def pad_proposals(boxes, count):
     """torchvision's per-image proposals (lists of n_i x 4, n_i <= count) as Proposals."""
-    padded = boxes[0].new_zeros(len(boxes), count, 4)
-    padded[..., 2:] = 1.0
-    valid = torch.zeros(len(boxes), count, dtype=torch.bool, device=boxes[0].device)
-    for image, b in enumerate(boxes):
-        padded[image, : len(b)] = b
-        valid[image, : len(b)] = True
-    return Proposals(padded, valid)
+    return Proposals(*_padded(boxes, count))
+
+
+def _padded(values, width):
+    """(N, width, ...) of the per-image `values` (each n_i <= width long) after one another, and valid (N, width).
+    Boxes are padded with [0, 0, 1, 1], anything else with zeros."""
+    filler = values[0].new_zeros(values[0].shape[1:])
+    if filler.shape == (4,):
+        filler[2:] = 1.0  # filled on the device: a tensor made from host numbers would be a copy that waits
+    padded = filler.expand(len(values), width, *filler.shape).clone()
+    valid = torch.zeros(len(values), width, dtype=torch.bool, device=values[0].device)
+    for image, v in enumerate(values):
+        padded[image, : len(v)] = v
+        valid[image, : len(v)] = True
+    return padded, valid
 
 
 def pairwise_iou(a, b):
@@ -360,17 +360,18 @@ def decode(coder, deltas, boxes):
     return torch.stack((x - half_width, y - half_height, x + half_width, y + half_height), dim=2).flatten(1)[:, None]
 
 
-def read_level_counts(pool, features, rois, image_shapes, mask_positions):
-    """[box counts, mask counts]: how many regions RoIAlign pools from each level, for the sampled regions and
-    (with mask_positions) the mask positives among them, read in one sync; [None, None] where none are needed."""
-    if not pool.reads_level_counts(features):
-        return [None, None]
+def read_levels(pool, features, rois, image_shapes, mask_positions):
+    """(levels, [box counts, mask counts]): each sampled region's pyramid level, and how many regions RoIAlign
+    pools from each level, for them and (with mask_positions) the mask positives among them, read in one sync;
+    the counts [None, None] where pooling needs none."""
     levels = pool.levels(features, rois, image_shapes)
+    if not pool.reads_level_counts(features):
+        return levels, [None, None]
     parts = [levels] + ([levels[mask_positions]] if mask_positions is not None else [])
     zeros = torch.zeros(len(parts), pool.num_levels, dtype=torch.int64, device=levels.device)
     counts = torch.stack([row.index_add_(0, part, torch.ones_like(part)) for row, part in zip(zeros, parts)])
     counts = counts.tolist()  # the one sync
-    return counts + [None] * (2 - len(counts))
+    return levels, counts + [None] * (2 - len(counts))
 
 
 def box_losses(class_logits, box_regression, labels, regression_targets):

@@ -41,13 +41,14 @@ class SparseRoIAlign(MultiScaleRoIAlign):
     def forward(self, x, boxes, image_shapes):
         if self.sampling_ratio <= 0:  # adaptive sampling: a region's sample count is its own
             return super().forward(x, boxes, image_shapes)
-        return self.pool(x, rois_in_roi_format(boxes), image_shapes)
+        rois = rois_in_roi_format(boxes)
+        return self.pool(x, rois, image_shapes, self.levels(x, rois, image_shapes))
 
-    def pool(self, x, rois, image_shapes, level_counts=None):
-        """Each region of rois (R x [image index, x0, y0, x1, y1]) pooled from its level; `level_counts`, the
-        regions on each level where the caller has read them already (the by-level path reads them otherwise)."""
+    def pool(self, x, rois, image_shapes, levels, level_counts=None):
+        """Each region of rois (R x [image index, x0, y0, x1, y1]) pooled from its level (`levels`);
+        `level_counts`, the regions on each level where the caller has read them already (the by-level path
+        reads them otherwise)."""
         features = self._maps(x, image_shapes)
-        levels = self.levels(x, rois, image_shapes)
         if self._pools_by_level(features[0]):
             return roi_align_by_level(
                 features, rois, levels, self.scales, self.output_size, self.sampling_ratio, level_counts
