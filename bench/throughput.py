@@ -1,5 +1,6 @@
 """python -m bench.throughput: lean against the tutorial's own pipeline, measured side by side in one run; each
-section (data, coco, train, eval) lives in bench/<section>_section.py.
+section (data, coco, train, eval, export) lives in bench/<section>_section.py. The export section (not run
+unless asked for) sets the exported files against lean's eager model.
 
 Every lean figure is printed beside the seed figure measured in the same
 process on the same files, with the ratio. Medians over --repeats passes,
@@ -20,6 +21,7 @@ from bench.coco_section import coco_section
 from bench.common import print_header, print_row
 from bench.data_section import data_section
 from bench.eval_section import eval_section
+from bench.export_section import export_section
 from bench.train_section import train_section
 from lean.cli import Parser, add_device_argument, check_device, run
 from lean.pennfudan import default_root
@@ -32,7 +34,7 @@ def parse_args(argv):
     parser = Parser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--root", type=Path, help="PennFudan folder (default: as lean.cache build finds it)")
     parser.add_argument(
-        "--sections", nargs="+", choices=["data", "coco", "train", "eval"], default=["data", "train", "eval"]
+        "--sections", nargs="+", choices=["data", "coco", "train", "eval", "export"], default=["data", "train", "eval"]
     )
     parser.add_argument("--coco-images", type=int, default=500, help="photos in the coco section's dataset")
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per side")
@@ -47,7 +49,7 @@ def parse_args(argv):
         help="also time lean with its backbone compiled by inductor (lean.train --compile inductor)",
     )
     parser.add_argument("--tasks", nargs="+", choices=["segment", "detect"], default=["segment", "detect"],
-                        help="train section: the Mask R-CNN step, the Faster R-CNN step, or both")  # fmt: skip
+                        help="train and export sections: Mask R-CNN, Faster R-CNN, or both")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -71,6 +73,7 @@ def main(argv=None):
             "data": lambda: data_section(root, args.repeats, Path(scratch)),
             "eval": lambda: eval_section(root, args.repeats, Path(scratch)),
             "coco": lambda: coco_section(args.repeats, Path(scratch), args.coco_images),
+            "export": lambda: export_section(root, args.repeats, Path(scratch), args.tasks),
             "train": lambda: train_section(
                 root,
                 args.train_steps,
@@ -83,7 +86,7 @@ def main(argv=None):
                 args.tasks,
             ),
         }
-        for name in ("data", "coco", "eval", "train"):
+        for name in ("data", "coco", "eval", "train", "export"):
             if name in args.sections:
                 for row in sections[name]():  # printed as measured: a long run shows its figures as it goes
                     print_row(*row)

@@ -18,6 +18,9 @@ def write_atomically(path, write):
     except (OSError, RuntimeError) as error:
         temporary.unlink(missing_ok=True)
         raise LeanError(f"{path}: cannot write ({reason(error)}); the file there before, if any, is kept") from None
+    except BaseException:  # a check of what was written failed, or Ctrl-C: nothing half-made stays behind
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def same_file(a, b):

@@ -147,6 +147,17 @@ def create_model(spec, state=None, speed=None, device="cpu", download=False):
     return tune_for_speed(model, speed) if speed is not None else model
 
 
+def create_torchvision_model(spec, state):
+    """torchvision's own model for `spec`, none of lean's faster parts swapped in, with `state` (a lean model's
+    state dict, whose keys are torchvision's): what lean.export hands to torchvision's exporters."""
+    model = _BUILDERS[spec.backbone](spec.num_classes, spec.pretrained, False, spec.min_size, spec.max_size, spec.masks)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise LeanError(f"the state dict does not fit a {spec.backbone} {spec.kind} ({reason(error)})") from None
+    return model
+
+
 PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
 
 

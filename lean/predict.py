@@ -1,5 +1,5 @@
 """python -m lean.predict IMAGE|FOLDER|PATTERN... --checkpoint PATH: draw what a trained model finds, and print
-it as JSON.
+it as JSON. With --model FILE instead, the model lean.export wrote to FILE (ONNX or TorchScript) does the same.
 
 Each argument is an image, a folder (its images) or a glob pattern ("photos/**/*.jpg"). For each image,
 DIR/NAME.png shows the detections above --score-thresh (boxes, class names and scores over the image, and
@@ -25,6 +25,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from lean.canvas import too_thin
 from lean.checkpoint import load_model
 from lean.cli import Parser, add_device_argument, check_device, run
+from lean.deployed import load_deployed
 from lean.errors import LeanError, reason
 from lean.files import distinct, write_atomically
 from lean.images import SUFFIXES, decode_rgb, read_header
@@ -186,7 +187,9 @@ def parse_args(argv):
         prog="python -m lean.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("images", nargs="+", type=Path, help="images, folders of images, or glob patterns")
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="a lean checkpoint (last.pt, best.pt)")
+    model.add_argument("--model", type=Path, help="a file lean.export wrote: FILE.onnx (onnxruntime) or TorchScript")
     parser.add_argument("--out", type=Path, default=Path("predictions"))
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=1, help="images the model takes at once")
@@ -208,8 +211,12 @@ def main(argv=None):
     configure_process()
     paths = expand(args.images)
     device = torch.device(args.device)
-    model, spec, _ = load_model(args.checkpoint, device)
-    model.eval()
+    if args.checkpoint:
+        model, spec, _ = load_model(args.checkpoint, device)
+        model.eval()
+    else:
+        model = load_deployed(args.model, args.device)
+        spec = model.spec
     progress = Progress(len(paths), "predict", rate="images/s") if len(paths) > HANDFUL else None
     failed = 0
     jobs = list(zip(paths, output_names(paths, args.out)))

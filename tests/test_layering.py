@@ -12,9 +12,9 @@ FLOORS = [
     "files config cli download example images weights engine optim distributed frozen_norm roi_align transform "
     "speed background coco_fields cache.format cache.verify",
     "coco pennfudan synthetic cache.writer cache.reader cache.export cache.__main__ staging monitor model plot",
-    "sources cache loader checkpoint",
+    "sources cache loader checkpoint deployed",
     "cache.command evaluate predict",
-    "scoring",
+    "scoring export",
     "train",
 ]
 FLOOR = {f"lean.{name}": level for level, names in enumerate(FLOORS) for name in names.split()}
