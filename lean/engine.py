@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lean.internals import BatchNorm
+
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -34,6 +36,32 @@ def train_step(model, images, targets, optimizer, scheduler, scaler, amp_dtype, 
     scaler.update()
     scheduler.step()
     return torch.stack([total.detach(), *(loss.detach().float() for loss in losses.values())]), list(losses)
+
+
+@torch.no_grad()
+def validation_losses(model, loader, amp_dtype, seed=0):
+    """{"val_loss": their sum, "val_loss_NAME": each}: the model's training losses on the loader's images, the mean
+    over images. No gradient, no statistic changed (BatchNorm runs on its running statistics, as in evaluation),
+    and the run's random state untouched (the heads sample their regions from `seed`, in a fork of it), so a
+    run that measures them resumes exactly as one that does not."""
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            module.eval()
+    sums, count = {}, 0
+    cuda = [loader.device] if loader.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for images, targets in loader:
+            with torch.autocast(loader.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = model(images, targets)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value.float() * len(images)
+            count += len(images)
+    model.train(was_training)
+    means = dict(zip(sums, (torch.stack(list(sums.values())) / count).tolist()))  # one read from the device
+    return {"val_loss": sum(means.values()), **{f"val_{name}": value for name, value in means.items()}}
 
 
 class StopSignals:

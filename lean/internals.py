@@ -6,6 +6,7 @@ Each may move or vanish in a release; tests/test_internals.py fails first when o
 import torch
 from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import compilation_time_metrics, counters
+from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm  # every BatchNorm with running statistics
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor as resnet_fpn_extractor
@@ -15,6 +16,7 @@ from torchvision.ops.poolers import _filter_input as feature_maps_named
 from torchvision.ops.poolers import _setup_scales as pyramid_scales
 
 __all__ = [
+    "BatchNorm",
     "IntermediateLayerGetter",
     "compile_seconds",
     "cpu_computes_in_bf16",

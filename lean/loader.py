@@ -97,8 +97,8 @@ class Loader:
 
     `set_epoch(e, start_batch=k)` picks the epoch's order (and resumes at
     batch k of it); `len(loader)` is the epoch's full number of batches.
-    With train=True, images are flipped left-right with p = 0.5 and
-    instances with zero-width or zero-height boxes, which Mask R-CNN's
+    With train=True, images are flipped left-right with p = 0.5 (unless flip=False: the validation loss's
+    loader) and instances with zero-width or zero-height boxes, which Mask R-CNN's
     training refuses, are left out of the targets. `device_decode=False`
     decodes a CUDA loader's JPEGs on the CPU instead of with nvJPEG; `masks=False` leaves the masks out of
     the targets, and their work out of the batches (a Faster R-CNN trains on boxes alone).
@@ -119,8 +119,10 @@ class Loader:
         dtype=torch.float32,
         device_decode=True,
         masks=True,
+        flip=True,
     ):
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
+        self.flip = flip and train
         self.device = torch.device(device)
         self.device_decode = device_decode and self.device.type == "cuda" and cache.stored == "encoded"
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -161,7 +163,7 @@ class Loader:
         return len(self.batches())
 
     def flips(self):
-        if not self.train:
+        if not self.flip:
             return np.zeros(len(self.cache), dtype=bool)
         return flip_decisions(self.seed, self.epoch, len(self.cache))
 

@@ -1,7 +1,8 @@
 """python -m lean.plot RUN [RUN...] [--out FILE]: training curves from runs' metrics.jsonl, as a picture.
 
-Three panels: every loss (the median of a window of 20 iterations) and the learning rate against
-iterations, and bbox and segm AP against epochs; several runs share the axes, to compare them.
+Three panels: every loss (the median of a window of 20 iterations, and at each evaluation the same loss
+on the held-out images, dotted) and the learning rate against iterations, and bbox and segm AP against
+epochs; several runs share the axes, to compare them.
 lean.train draws OUT/curves.png after every epoch the same way. matplotlib is optional
 (pip install -e '.[plot]'); without it, one line says so and nothing else changes.
 """
@@ -45,6 +46,10 @@ def read_metrics(run_folder):
                 if name.startswith("loss"):
                     windows[name].append(value)
                     losses[name].append((record["iteration"], statistics.median(windows[name])))
+        elif "val_loss" in record:  # one point an evaluation, each the mean over the held-out images
+            for name, value in record.items():
+                if name.startswith("val_loss"):
+                    losses[name].append((record["iteration"], value))
         elif "lr" in record:
             rates.append((record["iteration"], record["lr"]))
         for kind in ("bbox", "segm"):
@@ -61,7 +66,7 @@ def _record(line):
         return None
     if not isinstance(record, dict):
         return None
-    numbers = [value for name, value in record.items() if name.startswith("loss") or name == "lr"]
+    numbers = [value for name, value in record.items() if name.startswith(("loss", "val_loss")) or name == "lr"]
     if numbers and not (_is_int(record.get("iteration")) and all(_is_number(value) for value in numbers)):
         return None
     for kind in ("bbox", "segm"):
@@ -98,9 +103,14 @@ def draw_curves(run_folders, out):
         losses, rates, precision, unread = read_metrics(folder)
         skipped += unread
         run_name = f"{Path(folder).name} " if several else ""
-        for j, (name, points) in enumerate(losses.items()):
+        trained = [name for name in losses if not name.startswith("val_")]
+        for name, points in losses.items():
+            validation = name.startswith("val_")
+            base = name.removeprefix("val_")
+            j = trained.index(base) if base in trained else len(trained)  # a validation loss takes its loss's colour
             colour, style = (f"C{k}", styles[j % len(styles)]) if several else (f"C{j}", "-")
-            loss_axes.plot(*zip(*points), linestyle=style, color=colour, label=run_name + name)
+            loss_axes.plot(*zip(*points), linestyle=":" if validation else style, marker="o" if validation else None,
+                           markersize=4, color=colour, label=run_name + name)  # fmt: skip
         if rates:
             lr_axes.plot(*zip(*rates), color=f"C{k}", label=run_name.strip() or None)
         for j, (marker, kind) in enumerate((("o", "bbox"), ("s", "segm"))):
@@ -108,7 +118,7 @@ def draw_curves(run_folders, out):
                 epochs, values = zip(*precision[kind])
                 colour = f"C{k}" if several else f"C{j}"
                 ap_axes.plot([e + 1 for e in epochs], values, marker=marker, color=colour, label=run_name + kind)
-    loss_axes.set(title="losses (median of 20 iterations)", xlabel="iteration", yscale="log")
+    loss_axes.set(title="losses (median of 20 iterations; val_: held-out images)", xlabel="iteration", yscale="log")
     lr_axes.set(title="learning rate", xlabel="iteration")
     ap_axes.set(title="AP on the held-out images", xlabel="epochs done", ylim=(0, 1))
     for axes in (loss_axes, lr_axes, ap_axes):

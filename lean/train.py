@@ -26,7 +26,7 @@ from lean.canvas import too_thin
 from lean.checkpoint import Checkpointer, Position, RunFolder, position_after
 from lean.cli import Parser, add_device_argument, check_device, run
 from lean.config import DEFAULT_CACHE, SettingError, TrainConfig
-from lean.engine import RunState, StopSignals, train_one_epoch
+from lean.engine import RunState, StopSignals, train_one_epoch, validation_losses
 from lean.errors import LeanError
 from lean.evaluate import detections, predict
 from lean.loader import Loader
@@ -80,6 +80,10 @@ def train(config, device, process, start_up):
     checkpointer = Checkpointer(
         out, run_state, spec, config, cache.fingerprint, process.world_size, process.main, writer
     )
+    validation = None if config.no_eval or not process.main else Loader(
+        test_cache, config.batch_size, shuffle=False, device=device, indices=test_indices, flip=False,
+        dtype=torch.uint8, masks=spec.masks,
+    )  # the held-out images as training takes them, for the validation loss  # fmt: skip
     trained = distributed.wrap(model, process, device)  # what the step calls: under DDP, the wrapper
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
     with (
@@ -115,6 +119,9 @@ def train(config, device, process, start_up):
                                             total_iterations, monitor, log, stop)  # fmt: skip
                 last = iteration >= total_iterations
                 if process.main and not stop.received and evaluation_due(config, epoch, last):
+                    losses = validation_losses(model, validation, speed.amp, config.seed)
+                    log.print("validation " + "  ".join(f"{name[4:]}: {value:.4f}" for name, value in losses.items()))
+                    log.record({"epoch": epoch, "iteration": iteration, **losses})
                     predictions = predict(model, test_cache, test_indices, device, speed.amp)
                     evaluations.start(epoch, detections(test_indices, predictions))
                 finishing = stop.received or last or epoch + 1 == config.epochs  # then wait for every score

@@ -23,6 +23,16 @@ def test_lines_that_are_not_records_are_skipped_and_counted(run_dir, tmp_path, c
     assert (folder / "curves.png").read_bytes().startswith(PNG)
 
 
+def test_each_evaluation_logs_the_validation_losses_and_the_curves_read_them(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validation = [record for record in records if "val_loss" in record]
+    assert [record["epoch"] for record in validation] == [0, 1]  # two epochs, evaluated after each
+    assert all(record["val_loss"] > 0 and "val_loss_mask" in record for record in validation)
+    losses, *_ = read_metrics(run_dir)
+    assert [value for _, value in losses["val_loss"]] == [record["val_loss"] for record in validation]
+    assert len(losses["loss"]) > len(losses["val_loss"])  # the training losses are still there, point by point
+
+
 def test_a_killed_runs_half_line_neither_stops_the_resumed_run_nor_swallows_its_next_record(tiny, tmp_path, capsys):
     common = ["--cache", str(tiny), *QUICK, "--log-every", "1", "--out", str(tmp_path)]
     assert cli(train_main, [*common, "--max-iters", "1"], capsys)[0] == 0

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from lean.cache import Cache, build
 from lean.canvas import canvas_ladder
 from lean.checkpoint import load_model
-from lean.engine import train_step
+from lean.engine import train_step, validation_losses
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
 from lean.monitor import Monitor, TrainingLog
@@ -30,6 +30,20 @@ from tests.conftest import QUICK, SMALL, cli, one_line, run_train
 def small_model(seed=0):
     torch.manual_seed(seed)
     return create_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=False))
+
+
+def test_validation_losses_change_no_weight_statistic_or_random_state(cache):
+    model = small_model().train()  # from scratch: BatchNorm live, its statistics updated by any training forward
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    loader = Loader(cache, 2, shuffle=False, device="cpu", indices=range(4), flip=False, dtype=torch.uint8)
+    random_state = torch.get_rng_state()
+    losses = validation_losses(model, loader, None)
+    assert torch.equal(random_state, torch.get_rng_state()) and model.training
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    names = {"classifier", "box_reg", "mask", "objectness", "rpn_box_reg"}
+    assert set(losses) == {"val_loss"} | {f"val_loss_{name}" for name in names}
+    assert abs(losses["val_loss"] - sum(value for name, value in losses.items() if name != "val_loss")) < 1e-6
+    assert losses == validation_losses(model, loader, None)  # the same regions sampled every time
 
 
 def test_a_few_steps_lower_the_loss(tiny):
