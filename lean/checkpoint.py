@@ -8,6 +8,8 @@ A checkpoint is one torch.save'd dict:
     epoch, batch, iteration               where the run resumes (Position)
     best_ap                               the best main AP so far (segm for a Mask R-CNN, bbox for a
                                           Faster R-CNN), -1 before any (best_segm_ap before 2026-11-29)
+    evaluations_since_best                how many evaluations since best_ap was reached (--patience
+                                          counts them; absent before 2026-12-05: 0)
     cache_fingerprint, world_size         what the run trains on and in how many processes: a resume
                                           must match both (absent from checkpoints before 2026-11-29)
     model_spec                            how to build the model again (lean.model.ModelSpec)
@@ -102,6 +104,7 @@ class Checkpointer:
         self.run, self.spec, self.config, self.enabled, self.writer = run, spec, config, enabled, writer
         self.fingerprint, self.world_size = fingerprint, world_size
         self.best_ap = -1.0
+        self.since_best = 0  # evaluations scored since best_ap: what --patience counts
 
     def resume(self):
         """Load last.pt into the run and the RNG; returns where the run resumes. A run is continued only as it
@@ -122,14 +125,14 @@ class Checkpointer:
         self.run.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.best_ap = state["best_ap"] if "best_ap" in state else state["best_segm_ap"]
+        self.since_best = state.get("evaluations_since_best", 0)
         return Position(state["epoch"], state["batch"], state["iteration"])
 
     def save(self, position, ap=None, awaiting=None):
         """Write last.pt at `position`, atomically; copy it to best.pt when `ap` (the run's main AP) beats every
         earlier one. With `awaiting` (an epoch whose AP is still being worked out), keep this last.pt aside
         for `scored`. A failed write (a full disk) leaves the last good checkpoint and no temporary file."""
-        improved = ap is not None and ap > self.best_ap
-        self.best_ap = max(self.best_ap, ap if ap is not None else -1.0)
+        improved = ap is not None and self._count(ap)
         if not self.enabled:
             return
         state = {
@@ -142,6 +145,7 @@ class Checkpointer:
             "rng": _rng_state(),
             **dataclasses.asdict(position),
             "best_ap": self.best_ap,
+            "evaluations_since_best": self.since_best,
             "cache_fingerprint": self.fingerprint,
             "world_size": self.world_size,
             "model_spec": {
@@ -173,12 +177,17 @@ class Checkpointer:
         if self.writer is not None:
             self.writer.wait()
         kept = self._kept(epoch)
-        if ap > self.best_ap:
-            self.best_ap = ap
+        if self._count(ap):
             if self.enabled:
                 os.replace(kept, self.best)
         elif self.enabled:
             kept.unlink(missing_ok=True)
+
+    def _count(self, ap):
+        """Take in an evaluation's main AP; returns whether it is the best yet."""
+        improved = ap > self.best_ap
+        self.best_ap, self.since_best = (ap, 0) if improved else (self.best_ap, self.since_best + 1)
+        return improved
 
     def _kept(self, epoch):
         return self.last.with_name(f".epoch-{epoch}.awaiting-score.tmp")  # a run's start clears what a kill left
@@ -234,7 +243,7 @@ def run_config(state):
 # it learns from or how.
 RESUMABLE = (
     "epochs", "max_iters", "log_every", "eval_every", "no_eval", "device", "amp", "channels_last", "compile",
-    "canvas_levels", "batched_heads",
+    "canvas_levels", "batched_heads", "patience",
 )  # fmt: skip
 
 

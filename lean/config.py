@@ -11,7 +11,7 @@ from lean.errors import LeanError
 
 DEFAULT_CACHE = Path("cache/pennfudan.h5")
 AT_LEAST_ONE = ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every")
-AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size", "canvas_levels")
+AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size", "canvas_levels", "patience")
 POSITIVE_IF_GIVEN = ("lr", "clip_grad")
 
 
@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_step_epochs: int = 3
     clip_grad: float | None = None
+    patience: int | None = None  # stop after this many evaluations without a better main AP
     # speed
     device: str = "cpu"
     amp: str | None = None
@@ -80,6 +81,8 @@ class TrainConfig:
             raise SettingError("weight_decay", f"must be a number, not negative, not {self.weight_decay}")
         if self.min_size > self.max_size:
             raise SettingError("min_size", f"{self.min_size} is more than --max-size {self.max_size}")
+        if self.patience is not None and self.no_eval:
+            raise SettingError("patience", "counts evaluations, and --no-eval leaves none")
         if self.device == "cpu" and self.amp == "fp16":
             raise SettingError("amp", "fp16 is for CUDA; use bf16 or off on the CPU")
         if self.device == "cpu" and self.compile == "cudagraphs":

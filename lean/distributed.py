@@ -56,3 +56,12 @@ def mean_over_processes(values, process):
     values = values.clone()
     dist.all_reduce(values)
     return values / process.world_size
+
+
+def main_decides(decision, process, device):
+    """The main process's `decision` (a bool), on every process: what only it knows, as its evaluations."""
+    if not process.distributed:
+        return decision
+    flag = torch.tensor([int(decision)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

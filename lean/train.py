@@ -108,6 +108,10 @@ def train(config, device, process, start_up):
         log.print(cpu_hint(config, device))
         start_up.mark("loader, optimizer, run folder")
         log.print(str(start_up))
+        if out_of_patience(config, checkpointer):
+            log.print(f"{checkpointer.last}: the run stopped early, {checkpointer.since_best} evaluations without a "
+                      f"better {spec.main_metric} AP; nothing left to do (--patience {config.patience})")  # fmt: skip
+            return 0
         iteration = position.iteration
         model.train()
         try:
@@ -124,10 +128,16 @@ def train(config, device, process, start_up):
                     log.record({"epoch": epoch, "iteration": iteration, **losses})
                     predictions = predict(model, test_cache, test_indices, device, speed.amp)
                     evaluations.start(epoch, detections(test_indices, predictions))
-                finishing = stop.received or last or epoch + 1 == config.epochs  # then wait for every score
+                # Then wait for every score; with --patience, for each as it comes, to stop where it runs out.
+                finishing = stop.received or last or epoch + 1 == config.epochs or config.patience is not None
                 checkpointer.save(position_after(iteration, len(loader)), *evaluations.collect(epoch, finishing))
                 if process.main:
                     writer.submit(lambda: log.print(curves.update()))
+                if config.patience and distributed.main_decides(out_of_patience(config, checkpointer), process, device):
+                    log.print(f"stopping early: {checkpointer.since_best} evaluations without a better "
+                              f"{spec.main_metric} AP than {checkpointer.best_ap:.4f} (--patience {config.patience}); "
+                              f"best.pt keeps it")  # fmt: skip
+                    break
                 if stop.received:
                     writer.wait()
                     log.print(f"stopped by signal at epoch {epoch}, iteration {iteration}; saved {checkpointer.last}; "
@@ -140,6 +150,10 @@ def train(config, device, process, start_up):
         elapsed = timedelta(seconds=round(time.perf_counter() - monitor.started))
         log.print(f"done: {iteration} iterations in {elapsed}; {checkpointer.last}")
     return 0
+
+
+def out_of_patience(config, checkpointer):
+    return config.patience is not None and checkpointer.since_best >= config.patience
 
 
 def scorer(config, device, cache, indices, spec, process):
@@ -299,6 +313,8 @@ def parse_args(argv):
         "--lr-step-epochs", type=int, default=defaults.lr_step_epochs, help="lr x 0.1 every this many epochs"
     )
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
+    schedule.add_argument("--patience", type=int, help="stop after this many evaluations without a better main AP "
+                          "(segm, or bbox for --task detect); best.pt keeps the best")  # fmt: skip
     speed = parser.add_argument_group("speed (each default follows a measurement: docs/performance.md)")
     add_device_argument(speed)
     speed.add_argument("--amp", choices=list(AMP), help="default: bf16 where the hardware computes in it, else off")

@@ -151,6 +151,8 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny, tmp_path):
         (["--resume"], "--resume: needs --out"),
         (["--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
         (["--cache", "nowhere.h5"], "nowhere.h5: no such file"),
+        (["--patience", "0"], "--patience: must be at least 1"),
+        (["--patience", "2", "--no-eval"], "--patience: counts evaluations, and --no-eval leaves none"),
     ],
 )
 def test_bad_arguments_are_one_line(capsys, argv, reason):
@@ -497,3 +499,30 @@ def test_a_run_with_batched_heads_trains_evaluates_and_resumes_without_them(tiny
     assert torch.load(out / "last.pt", weights_only=True)["config"]["batched_heads"] is True
     status, stdout, _ = cli(train_main, [*argv, "--epochs", "2", "--resume", "--no-batched-heads"], capsys)
     assert status == 0 and "torchvision's heads" in stdout  # a speed setting: a resumed run may change it
+
+
+def test_patience_stops_after_k_evaluations_without_a_better_ap_and_resume_has_nothing_left(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    import lean.scoring
+
+    aps = iter([0.2, 0.3, 0.25, 0.28, 0.5])
+    monkeypatch.setattr(lean.scoring, "_scored", lambda scoring, results: _report(next(aps)))
+    common = ["--cache", str(tiny), *SMALL, "--test-size", "2", "--epochs", "5", "--out", str(tmp_path)]
+    status, stdout, _ = run_train([*common, "--patience", "2"], capsys)
+    assert status == 0 and "stopping early: 2 evaluations without a better segm AP than 0.3000" in stdout
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 4 and state["best_ap"] == 0.3 and state["evaluations_since_best"] == 2
+    stopped = (tmp_path / "last.pt").read_bytes()
+    status, stdout, _ = run_train([*common, "--resume"], capsys)
+    assert status == 0 and "nothing left to do (--patience 2)" in stdout
+    assert (tmp_path / "last.pt").read_bytes() == stopped
+    status, stdout, _ = run_train([*common, "--resume", "--patience", "3"], capsys)  # more patience: one more epoch
+    assert status == 0 and "stopping early" not in stdout
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["best_ap"] == 0.5
+
+
+def _report(ap):
+    """A scorer's (report, text) with main AP `ap`: what --patience reads."""
+    values = {"AP": ap, "stats": [ap] * 12, "per_class": {}}
+    return {"bbox": values, "segm": values}, f"AP {ap}"
