@@ -3,7 +3,9 @@
 A checkpoint is one torch.save'd dict:
 
     format, version                       "lean-checkpoint", 2
-    model, optimizer, scheduler, scaler   state dicts
+    model, optimizer, scheduler, scaler   state dicts; with --ema, model is the weights' average
+    ema                                   with --ema: {"trained": the weights training goes on from,
+                                          "updates": how many steps the average has taken in}
     rng                                   the torch (and CUDA) generator states
     epoch, batch, iteration               where the run resumes (Position)
     best_ap                               the best main AP so far (segm for a Mask R-CNN, bbox for a
@@ -119,7 +121,10 @@ class Checkpointer:
         if processes != self.world_size:
             raise LeanError(f"--resume: {self.last} was trained by {processes} process(es), not {self.world_size}; "
                             f"resume it as it ran (torchrun --nproc_per_node={processes})")  # fmt: skip
-        self.run.model.load_state_dict(state["model"])
+        ema = self.run.ema
+        self.run.model.load_state_dict(state["ema"]["trained"] if ema is not None else state["model"])
+        if ema is not None:
+            ema.load(state["model"], state["ema"]["updates"])
         self.run.optimizer.load_state_dict(state["optimizer"])
         self.run.scheduler.load_state_dict(state["scheduler"])
         self.run.scaler.load_state_dict(state["scaler"])
@@ -135,10 +140,11 @@ class Checkpointer:
         improved = ap is not None and self._count(ap)
         if not self.enabled:
             return
+        trained, ema = self.run.model.state_dict(), self.run.ema
         state = {
             "format": FORMAT,
             "version": VERSION,
-            "model": self.run.model.state_dict(),
+            "model": trained if ema is None else ema.averaged(trained),
             "optimizer": self.run.optimizer.state_dict(),
             "scheduler": self.run.scheduler.state_dict(),
             "scaler": self.run.scaler.state_dict(),
@@ -155,6 +161,8 @@ class Checkpointer:
             },
             "config": self.config.to_dict(),
         }
+        if ema is not None:
+            state["ema"] = {"trained": trained, "updates": ema.updates}
 
         def write(state):
             write_atomically(self.last, lambda temporary: torch.save(state, temporary))

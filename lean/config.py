@@ -50,6 +50,7 @@ class TrainConfig:
     lr_step_epochs: int = 3
     clip_grad: float | None = None
     patience: int | None = None  # stop after this many evaluations without a better main AP
+    ema: float | None = None  # decay of the weights' moving average, evaluated and saved as the model
     # speed
     device: str = "cpu"
     amp: str | None = None
@@ -81,6 +82,8 @@ class TrainConfig:
             raise SettingError("weight_decay", f"must be a number, not negative, not {self.weight_decay}")
         if self.min_size > self.max_size:
             raise SettingError("min_size", f"{self.min_size} is more than --max-size {self.max_size}")
+        if self.ema is not None and not 0 < self.ema < 1:  # nan fails it too
+            raise SettingError("ema", f"must be between 0 and 1 (a decay such as 0.999), not {self.ema}")
         if self.patience is not None and self.no_eval:
             raise SettingError("patience", "counts evaluations, and --no-eval leaves none")
         if self.device == "cpu" and self.amp == "fp16":

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lean.ema import WeightsEMA
 from lean.internals import BatchNorm
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -19,6 +20,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: WeightsEMA | None = None
 
 
 def train_step(model, images, targets, optimizer, scheduler, scaler, amp_dtype, clip_norm=None):
@@ -95,6 +97,8 @@ def train_one_epoch(model, run, amp_dtype, clip_norm, loader, epoch, iteration, 
         losses, names = train_step(
             model, images, targets, run.optimizer, run.scheduler, run.scaler, amp_dtype, clip_norm
         )
+        if run.ema is not None:
+            run.ema.update()
         iteration += 1
         log.window(monitor.add(epoch, batch_index, iteration, losses, names))
         if stop.received:

@@ -4,6 +4,8 @@ Each may move or vanish in a release; tests/test_internals.py fails first when o
 """
 
 import torch
+from torch import _foreach_copy_ as foreach_copy_
+from torch import _foreach_lerp_ as foreach_lerp_
 from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import compilation_time_metrics, counters
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm  # every BatchNorm with running statistics
@@ -21,6 +23,8 @@ __all__ = [
     "compile_seconds",
     "cpu_computes_in_bf16",
     "feature_maps_named",
+    "foreach_copy_",
+    "foreach_lerp_",
     "graphs_compiled",
     "overwrite_eps",
     "pyramid_scales",

@@ -26,6 +26,7 @@ from lean.canvas import too_thin
 from lean.checkpoint import Checkpointer, Position, RunFolder, position_after
 from lean.cli import Parser, add_device_argument, check_device, run
 from lean.config import DEFAULT_CACHE, SettingError, TrainConfig
+from lean.ema import WeightsEMA
 from lean.engine import RunState, StopSignals, train_one_epoch, validation_losses
 from lean.errors import LeanError
 from lean.evaluate import detections, predict
@@ -75,7 +76,7 @@ def train(config, device, process, start_up):
     optimizer = make_optimizer(model, config.lr, config.optimizer, config.weight_decay)
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
-    run_state = RunState(model, optimizer, scheduler, scaler)
+    run_state = RunState(model, optimizer, scheduler, scaler, WeightsEMA(model, config.ema) if config.ema else None)
     writer = Writer()  # checkpoints and curves written off the training thread
     checkpointer = Checkpointer(
         out, run_state, spec, config, cache.fingerprint, process.world_size, process.main, writer
@@ -123,10 +124,11 @@ def train(config, device, process, start_up):
                                             total_iterations, monitor, log, stop)  # fmt: skip
                 last = iteration >= total_iterations
                 if process.main and not stop.received and evaluation_due(config, epoch, last):
-                    losses = validation_losses(model, validation, speed.amp, config.seed)
+                    with run_state.ema.applied() if run_state.ema else contextlib.nullcontext():  # what is saved
+                        losses = validation_losses(model, validation, speed.amp, config.seed)
+                        predictions = predict(model, test_cache, test_indices, device, speed.amp)
                     log.print("validation " + "  ".join(f"{name[4:]}: {value:.4f}" for name, value in losses.items()))
                     log.record({"epoch": epoch, "iteration": iteration, **losses})
-                    predictions = predict(model, test_cache, test_indices, device, speed.amp)
                     evaluations.start(epoch, detections(test_indices, predictions))
                 # Then wait for every score; with --patience, for each as it comes, to stop where it runs out.
                 finishing = stop.received or last or epoch + 1 == config.epochs or config.patience is not None
@@ -313,6 +315,8 @@ def parse_args(argv):
         "--lr-step-epochs", type=int, default=defaults.lr_step_epochs, help="lr x 0.1 every this many epochs"
     )
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
+    schedule.add_argument("--ema", type=float, help="keep a moving average of the weights with this decay "
+                          "(e.g. 0.999), updated after each step: evaluated and saved as the model")  # fmt: skip
     schedule.add_argument("--patience", type=int, help="stop after this many evaluations without a better main AP "
                           "(segm, or bbox for --task detect); best.pt keeps the best")  # fmt: skip
     speed = parser.add_argument_group("speed (each default follows a measurement: docs/performance.md)")

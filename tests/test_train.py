@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from lean.cache import Cache, build
 from lean.canvas import canvas_ladder
 from lean.checkpoint import load_model
+from lean.ema import WeightsEMA
 from lean.engine import train_step, validation_losses
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
@@ -152,6 +153,8 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny, tmp_path):
         (["--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
         (["--cache", "nowhere.h5"], "nowhere.h5: no such file"),
         (["--patience", "0"], "--patience: must be at least 1"),
+        (["--ema", "1"], "--ema: must be between 0 and 1"),
+        (["--ema", "nan"], "--ema: must be between 0 and 1"),
         (["--patience", "2", "--no-eval"], "--patience: counts evaluations, and --no-eval leaves none"),
     ],
 )
@@ -526,3 +529,19 @@ def _report(ap):
     """A scorer's (report, text) with main AP `ap`: what --patience reads."""
     values = {"AP": ap, "stats": [ap] * 12, "per_class": {}}
     return {"bbox": values, "segm": values}, f"AP {ap}"
+
+
+def test_the_weights_average_follows_the_model_on_its_ramp_and_swaps_in_and_out_whole():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightsEMA(model, decay=0.99)
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()  # the ramp: decay min(0.99, 2 / 11) after one update
+    weight = ema.averaged(model.state_dict())["0.weight"]
+    assert torch.allclose(weight, start["0.weight"] + 9 / 11, atol=1e-6)
+    assert ema.names == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"]  # no counter
+    trained = model[0].weight.clone()
+    with ema.applied():
+        assert torch.equal(model[0].weight, weight)
+    assert torch.equal(model[0].weight, trained)
