@@ -12,7 +12,7 @@ from lean.errors import LeanError
 DEFAULT_CACHE = Path("cache/pennfudan.h5")
 AT_LEAST_ONE = ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every")
 AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size", "canvas_levels", "patience")
-POSITIVE_IF_GIVEN = ("lr", "clip_grad")
+POSITIVE_IF_GIVEN = ("lr", "clip_grad", "repeat_factor")
 
 
 class SettingError(LeanError):
@@ -51,6 +51,7 @@ class TrainConfig:
     clip_grad: float | None = None
     patience: int | None = None  # stop after this many evaluations without a better main AP
     ema: float | None = None  # decay of the weights' moving average, evaluated and saved as the model
+    repeat_factor: float | None = None  # LVIS repeat-factor sampling's threshold: rare classes' images repeated
     # speed
     device: str = "cpu"
     amp: str | None = None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lean import staging
-from lean.sampling import aspect_groups, epoch_batches, flip_decisions
+from lean.sampling import aspect_groups, epoch_batches, flip_decisions, repeated_indices
 from lean.targets import flip_boxes, is_degenerate
 
 
@@ -101,7 +101,9 @@ class Loader:
     loader) and instances with zero-width or zero-height boxes, which Mask R-CNN's
     training refuses, are left out of the targets. `device_decode=False`
     decodes a CUDA loader's JPEGs on the CPU instead of with nvJPEG; `masks=False` leaves the masks out of
-    the targets, and their work out of the batches (a Faster R-CNN trains on boxes alone).
+    the targets, and their work out of the batches (a Faster R-CNN trains on boxes alone). With
+    `repeat_factors` (one for each of `indices`), a shuffled epoch takes each image as often as
+    lean.sampling.repeated_indices says.
     """
 
     def __init__(
@@ -120,9 +122,11 @@ class Loader:
         device_decode=True,
         masks=True,
         flip=True,
+        repeat_factors=None,
     ):
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.flip = flip and train
+        self.repeat_factors = repeat_factors  # one for each of `indices`: lean.sampling.repeated_indices
         self.device = torch.device(device)
         self.device_decode = device_decode and self.device.type == "cuda" and cache.stored == "encoded"
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -145,9 +149,12 @@ class Loader:
 
     def _epoch_batches(self):
         if self.shuffle:
+            indices = self.indices
+            if self.repeat_factors is not None:
+                indices = repeated_indices(indices, self.repeat_factors, self.seed, self.epoch)
             return epoch_batches(
                 self.groups,
-                self.indices,
+                indices,
                 self.batch_size,
                 self.seed,
                 self.epoch,

@@ -1,7 +1,10 @@
-"""Which images a run trains and tests on, which form each batch, and which are flipped: pure functions of
-(seed, epoch) and the images' sizes, numpy only, so every run, on any device, resumed at any batch, sees
-the same batches.
+"""Which images a run trains and tests on, which form each batch, which are flipped and, with repeat-factor
+sampling, how often each comes: pure functions of (seed, epoch) and the images' sizes and labels, numpy
+only, so every run, on any device, resumed at any batch, sees the same batches.
 """
+
+import math
+from collections import Counter
 
 import numpy as np
 
@@ -65,3 +68,29 @@ def epoch_batches(groups, indices, batch_size, seed, epoch, rank=0, world_size=1
 def flip_decisions(seed, epoch, count):
     """Whether each cache index is flipped in `epoch`: p = 0.5, independent of batching."""
     return np.random.default_rng([seed, epoch, 1]).random(count) < 0.5
+
+
+def repeat_factors(image_labels, threshold):
+    """Each image's repeat factor under LVIS's repeat-factor sampling (detectron2's RepeatFactorTrainingSampler):
+    a class found in a fraction f of the images gets max(1, sqrt(threshold / f)), and an image the largest
+    of its classes' (1 with none). `image_labels`: the labels of each image's instances."""
+    images = [set(np.asarray(labels).tolist()) for labels in image_labels]
+    seen = Counter(label for labels in images for label in labels)
+    by_class = {label: max(1.0, math.sqrt(threshold * len(images) / count)) for label, count in seen.items()}
+    return np.array([max((by_class[label] for label in labels), default=1.0) for labels in images])
+
+
+def repeated_indices(indices, factors, seed, epoch):
+    """`indices` as `epoch` repeats them, in an epoch ceil(sum r) long every time (lean's schedule and resume count
+    in epochs; detectron2, counting iterations, rounds each image on its own and lets the length vary). The
+    factors are scaled to that length, r' = r ceil(sum r) / sum r (at least r), and each image comes floor(r')
+    times and once more by a seeded systematic draw of the fractional parts: r' times on average."""
+    factors = np.asarray(factors, dtype=np.float64)
+    length = math.ceil(factors.sum() - 1e-9)
+    scaled = factors * (length / factors.sum())
+    counts = np.floor(scaled).astype(np.int64)
+    rng = np.random.default_rng([seed, epoch, 2])
+    order = rng.permutation(len(factors))  # systematic draws along a random order: no neighbour favoured
+    reached = np.floor(np.cumsum((scaled - counts)[order]) + rng.random() - 1e-9)
+    counts[order] += np.diff(reached, prepend=0.0).astype(np.int64).clip(0)
+    return np.repeat(np.asarray(indices), counts)

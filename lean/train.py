@@ -36,7 +36,7 @@ from lean.monitor import Monitor, NonFiniteLoss, StartUp, TrainingLog
 from lean.optim import OPTIMIZERS, make_optimizer, make_scheduler
 from lean.pennfudan import PennFudanSource, default_root
 from lean.plot import Curves
-from lean.sampling import split_indices
+from lean.sampling import repeat_factors, split_indices
 from lean.scoring import Evaluations, InlineScorer, Scorer
 from lean.speed import AMP, COMPILE, Speed, configure_process
 from lean.weights import WeightsUnavailable
@@ -70,9 +70,10 @@ def train(config, device, process, start_up):
     )
     spec, model = make_model(config, run_task(config, cache, test_cache), cache, speed, device, process)
     start_up.mark("model")
+    factors = config.repeat_factor and image_repeat_factors(cache, train_indices, config.repeat_factor)
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8,
-                    masks=spec.masks)  # fmt: skip
+                    masks=spec.masks, repeat_factors=factors)  # fmt: skip
     optimizer = make_optimizer(model, config.lr, config.optimizer, config.weight_decay)
     scheduler = make_scheduler(optimizer, len(loader), config.lr_step_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
@@ -107,6 +108,9 @@ def train(config, device, process, start_up):
                   f"{len(loader)} iterations/epoch x {config.epochs} epochs, batch {config.batch_size} x "
                   f"{process.world_size} process(es), {device}, {speed}; writing {out}")  # fmt: skip
         log.print(cpu_hint(config, device))
+        if factors is not None:
+            log.print(f"repeat-factor sampling (--repeat-factor {config.repeat_factor}): images taken x1 to "
+                      f"x{factors.max():.2f}, {round(factors.sum())} an epoch of {len(factors)}")  # fmt: skip
         start_up.mark("loader, optimizer, run folder")
         log.print(str(start_up))
         if out_of_patience(config, checkpointer):
@@ -165,6 +169,16 @@ def scorer(config, device, cache, indices, spec, process):
         return contextlib.nullcontext()
     kind = Scorer if device.type == "cuda" else InlineScorer
     return kind(cache.path, indices, spec.metrics)
+
+
+def image_repeat_factors(cache, indices, threshold):
+    """Each training image's repeat factor (lean.sampling.repeat_factors), from the classes of its instances that
+    training takes (crowd regions aside)."""
+    labels = []
+    for i in indices:
+        instances = cache.instance_targets(i)
+        labels.append(instances["labels"][instances["iscrowd"] == 0])
+    return repeat_factors(labels, threshold)
 
 
 def evaluation_due(config, epoch, last_iteration):
@@ -317,6 +331,9 @@ def parse_args(argv):
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
     schedule.add_argument("--ema", type=float, help="keep a moving average of the weights with this decay "
                           "(e.g. 0.999), updated after each step: evaluated and saved as the model")  # fmt: skip
+    data.add_argument("--repeat-factor", type=float, help="repeat-factor sampling for rare classes (LVIS, "
+                      "detectron2): images of classes in fewer than this fraction of the images come more often; "
+                      "e.g. 0.1")  # fmt: skip
     schedule.add_argument("--patience", type=int, help="stop after this many evaluations without a better main AP "
                           "(segm, or bbox for --task detect); best.pt keeps the best")  # fmt: skip
     speed = parser.add_argument_group("speed (each default follows a measurement: docs/performance.md)")

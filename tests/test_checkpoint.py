@@ -17,7 +17,8 @@ from tests.conftest import QUICK, SMALL, cli, one_line, run_train
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "4"), ("--lr", "0.5"), ("--backbone", "resnet18_fpn"),
-                                         ("--optimizer", "adamw"), ("--ema", "0.99")])  # fmt: skip
+                                         ("--optimizer", "adamw"), ("--ema", "0.99"),
+                                         ("--repeat-factor", "0.5")])  # fmt: skip
 def test_resume_refuses_a_setting_it_would_not_keep(run_dir, tiny, flag, value, capsys):
     argv = ["--cache", str(tiny), *QUICK, "--epochs", "2", "--out", str(run_dir), "--resume", flag, value]
     status, _, stderr = cli(train_main, argv, capsys)

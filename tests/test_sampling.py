@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lean.sampling import aspect_groups, epoch_batches, split_indices
+from lean.sampling import aspect_groups, epoch_batches, repeat_factors, repeated_indices, split_indices
 from tests.strategies import image_sizes
 
 
@@ -61,3 +61,29 @@ def test_tutorial_split_is_120_train_50_test_and_seeded():
     assert len(small_test) == 4 and len(small_train) == 16
     with pytest.raises(ValueError):
         split_indices(10, test_size=10)
+
+
+def test_repeat_factors_are_lvis_ones_from_the_rarest_class_of_each_image():
+    labels = [[1]] * 8 + [[1, 2], [3, 3]]  # class 1 in 9 of 10 images, classes 2 and 3 in one each
+    factors = repeat_factors(labels, threshold=0.4)
+    assert np.allclose(factors[:8], 1.0)  # sqrt(0.4 / 0.9) < 1
+    assert np.allclose(factors[8:], np.sqrt(0.4 / 0.1))  # an image takes its rarest class's factor
+    assert repeat_factors([[], [1]], 0.5)[0] == 1.0  # an image with no instance comes once
+
+
+@given(st.lists(st.floats(1.0, 4.0), min_size=1, max_size=40), st.integers(0, 50), st.integers(0, 9))
+def test_each_epoch_takes_every_image_about_its_factor_times_and_keeps_its_length(factors, seed, epoch):
+    indices = np.arange(100, 100 + len(factors))
+    taken = repeated_indices(indices, factors, seed, epoch)
+    counts = np.array([(taken == index).sum() for index in indices])
+    length = int(np.ceil(sum(factors) - 1e-9))
+    scaled = np.array(factors) * length / sum(factors)
+    assert np.all(counts >= np.floor(scaled)) and np.all(counts <= np.ceil(scaled)) and np.all(counts >= 1)
+    assert len(taken) == length == len(repeated_indices(indices, factors, seed, epoch + 1))
+    assert np.array_equal(taken, repeated_indices(indices, factors, seed, epoch))  # a pure function
+
+
+def test_over_many_epochs_an_image_comes_as_often_as_its_factor_says():
+    factors = np.array([1.0, 1.5, 2.25, 3.0])
+    taken = np.concatenate([repeated_indices(np.arange(4), factors, 0, epoch) for epoch in range(4000)])
+    assert np.allclose(np.bincount(taken) / 4000, factors * 8 / 7.75, atol=0.04)  # 4 standard deviations

@@ -23,7 +23,7 @@ from lean.monitor import Monitor, TrainingLog
 from lean.optim import make_optimizer, make_scheduler
 from lean.speed import Speed, channels_last_is_fast
 from lean.synthetic import SyntheticSource
-from lean.train import cpu_hint, parse_args
+from lean.train import cpu_hint, image_repeat_factors, parse_args
 from lean.train import main as train_main
 from tests.conftest import QUICK, SMALL, cli, one_line, run_train
 
@@ -154,6 +154,7 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny, tmp_path):
         (["--cache", "nowhere.h5"], "nowhere.h5: no such file"),
         (["--patience", "0"], "--patience: must be at least 1"),
         (["--ema", "1"], "--ema: must be between 0 and 1"),
+        (["--repeat-factor", "0"], "--repeat-factor: must be a positive number, not 0.0"),
         (["--ema", "nan"], "--ema: must be between 0 and 1"),
         (["--patience", "2", "--no-eval"], "--patience: counts evaluations, and --no-eval leaves none"),
     ],
@@ -545,3 +546,12 @@ def test_the_weights_average_follows_the_model_on_its_ramp_and_swaps_in_and_out_
     with ema.applied():
         assert torch.equal(model[0].weight, weight)
     assert torch.equal(model[0].weight, trained)
+
+
+def test_repeat_factor_sampling_repeats_the_rare_class_and_says_how_much(three_classes, tmp_path, capsys):
+    cache = Cache(three_classes[0])
+    factors = image_repeat_factors(cache, range(len(cache)), 0.9)
+    assert factors.max() > 1  # some class is in fewer than 90 % of the images
+    argv = ["--cache", str(three_classes[0]), *QUICK, "--test-size", "1", "--repeat-factor", "0.9", "--max-iters", "1"]
+    status, stdout, _ = run_train([*argv, "--out", str(tmp_path)], capsys)
+    assert status == 0 and "--repeat-factor 0.9): images taken x1 to x" in stdout
