@@ -16,6 +16,7 @@ and no file is left behind.
 """
 
 import argparse
+import functools
 import io
 import os
 import sys
@@ -72,6 +73,19 @@ class Deployable(torch.nn.Module):
         return output[0]
 
 
+def quiet(export):
+    """`export`, its exporter's tracer and deprecation warnings (for torchvision's and torch's authors) unsaid."""
+
+    @functools.wraps(export)
+    def quietly(*args):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            export(*args)
+
+    return quietly
+
+
+@quiet
 def export_onnx(deployable, example, path):
     import onnx
 
@@ -90,6 +104,7 @@ def export_onnx(deployable, example, path):
     onnx.save(model, str(path))
 
 
+@quiet
 def export_torchscript(deployable, example, path):
     torch.jit.save(torch.jit.script(deployable), str(path))
 
@@ -219,9 +234,7 @@ def write_checked(path, what, deployable, example, checked):
 
     def write_temporary(temporary):
         try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # the exporters' tracer warnings are for torchvision's authors
-                write(deployable, example, temporary)
+            write(deployable, example, temporary)
         except Exception as error:  # each exporter raises its own kinds; any of them is a model it cannot take
             raise LeanError(f"the model cannot be exported as {what}: {reason(error)}") from None
         try:
