@@ -53,7 +53,8 @@ def validation_losses(model, loader, amp_dtype, seed=0):
             module.eval()
     sums, count = {}, 0
     cuda = [loader.device] if loader.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    # Eager, as prediction runs: compiled, each held-out image's shape would be one more graph.
+    with torch.random.fork_rng(devices=cuda), torch.compiler.set_stance("force_eager"):
         torch.manual_seed(seed)
         for images, targets in loader:
             with torch.autocast(loader.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

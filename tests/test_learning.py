@@ -2,9 +2,9 @@
 
 The README's convergence check is the full version of this (15 minutes, a held-out split); here
 the model trains on a few synthetic images and is scored on the same images, which is enough to
-show that data, targets, loss, optimizer and evaluation fit together. Boxes only: in 80 steps the
-boxes are learned (AP 0.17, AP50 0.38 against 0.01 and 0.03 untrained, on the development
-machine) but the masks are not yet (segm AP under 0.01); they take some hundreds of steps.
+show that data, targets, loss, optimizer and evaluation fit together. A Faster R-CNN, as box AP is what
+is scored: in 60 steps it reaches AP 0.40, AP50 0.79, against 0.00 untrained (2026-12-05, AMD EPYC, 2
+cores; 40 steps gave 0.10), in half the time the Mask R-CNN's 80 steps took.
 """
 
 import torch
@@ -17,7 +17,7 @@ from lean.model import ModelSpec, create_model
 from lean.optim import make_optimizer, make_scheduler
 from lean.synthetic import SyntheticSource
 
-IMAGES, BATCH, EPOCHS = 4, 4, 80  # one step an epoch
+IMAGES, BATCH, EPOCHS = 4, 4, 60  # one step an epoch
 CPU = torch.device("cpu")
 
 
@@ -30,10 +30,10 @@ def box_scores(model, cache):
 def test_a_short_training_from_scratch_lifts_box_ap_well_above_the_untrained_models(tmp_path):
     cache = Cache(build(SyntheticSource(IMAGES, seed=5), tmp_path / "few.h5", workers=0, progress=False))
     torch.manual_seed(0)
-    model = create_model(ModelSpec("resnet18_fpn", min_size=128, max_size=224, pretrained=False))
+    model = create_model(ModelSpec("resnet18_fpn", min_size=128, max_size=224, pretrained=False, task="detect"))
     untrained_ap, untrained_ap50 = box_scores(model, cache)
 
-    loader = Loader(cache, BATCH, seed=0, device=CPU, dtype=torch.uint8)
+    loader = Loader(cache, BATCH, seed=0, device=CPU, dtype=torch.uint8, masks=False)
     optimizer = make_optimizer(model, 1e-3, "adamw")
     scheduler = make_scheduler(optimizer, len(loader), step_epochs=EPOCHS)  # warmup, then a constant rate
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -44,5 +44,5 @@ def test_a_short_training_from_scratch_lifts_box_ap_well_above_the_untrained_mod
             train_step(model, images, targets, optimizer, scheduler, scaler, None)
     ap, ap50 = box_scores(model, cache)
 
-    assert ap > untrained_ap + 0.1, (ap, untrained_ap)
+    assert ap > untrained_ap + 0.1, (ap, untrained_ap, ap50, untrained_ap50)
     assert ap50 > untrained_ap50 + 0.2, (ap50, untrained_ap50)
