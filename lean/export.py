@@ -215,8 +215,12 @@ def check_target(flag, path, checkpoint):
         raise LeanError(f"{flag} {path}: is a folder; name a file")
     if not folder.is_dir():
         raise LeanError(f"{flag} {path}: no folder {folder}")
-    if not os.access(folder, os.W_OK):
-        raise LeanError(f"{flag} {path}: cannot write in {folder}")
+    probe = folder / f".{path.name}.{os.getpid()}.probe"  # the test that holds for root and read-only mounts too
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        raise LeanError(f"{flag} {path}: cannot write in {folder} ({error.strerror or reason(error)})") from None
     check_output(path, flag, inputs=(checkpoint,), ours=_exported_here)
 
 

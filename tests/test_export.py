@@ -145,6 +145,7 @@ def test_bad_targets_are_one_line_before_any_work(run_dir, tmp_path, capsys):
         ([checkpoint, "--torchscript", checkpoint], "is one of this command's inputs"),
         ([checkpoint, "--onnx", str(foreign)], "a file this command did not write"),
         ([checkpoint, "--onnx", str(tmp_path)], "is a folder"),
+        ([checkpoint, "--torchscript", "/proc/lean-export.pt"], "cannot write in /proc"),
         ([checkpoint, "--onnx", str(tmp_path / "a"), "--torchscript", str(tmp_path / "a")], "the same file"),
         ([checkpoint], "give --onnx FILE, --torchscript FILE or both"),
         ([str(foreign), "--torchscript", str(tmp_path / "m.pt")], "notes.onnx"),
