@@ -251,7 +251,7 @@ def run_config(state):
 # it learns from or how.
 RESUMABLE = (
     "epochs", "max_iters", "log_every", "eval_every", "no_eval", "device", "amp", "channels_last", "compile",
-    "canvas_levels", "batched_heads", "patience",
+    "canvas_levels", "batched_heads", "patience", "tensorboard",
 )  # fmt: skip
 
 

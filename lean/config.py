@@ -66,6 +66,7 @@ class TrainConfig:
     no_eval: bool = False
     eval_every: int = 1
     log_every: int = 10
+    tensorboard: bool = False  # the records as TensorBoard event files too, in OUT/tensorboard
 
     def __post_init__(self):
         check_types(self)

@@ -171,11 +171,12 @@ class Monitor:
 
 class TrainingLog:
     """Writes a run's figures: a console line per window, and every figure to metrics.jsonl (when given a
-    path), added to a resumed run's, begun afresh for a new one. Disabled, it writes nothing: under torchrun
-    only the main process writes."""
+    path), added to a resumed run's, begun afresh for a new one, and to a `board` if given. Disabled, it
+    writes nothing: under torchrun only the main process writes."""
 
-    def __init__(self, metrics_path=None, enabled=True, resumed=False):
+    def __init__(self, metrics_path=None, enabled=True, resumed=False, board=None):
         self.enabled, self.path, self.metrics = enabled, metrics_path, None
+        self.board = board if enabled else None  # lean.board.Board: every record, as TensorBoard scalars too
         if metrics_path and enabled:
             self.metrics = self._guarded(lambda: metrics_path.open("a" if resumed else "w"))
             if resumed and self.metrics.tell() > 0 and _last_byte(metrics_path) != b"\n":
@@ -205,6 +206,8 @@ class TrainingLog:
         self.close()
 
     def close(self):
+        if self.board:
+            self.board.close()
         if self.metrics:
             metrics, self.metrics = self.metrics, None
             with contextlib.suppress(OSError):  # whatever failed was said when it failed
@@ -241,6 +244,8 @@ class TrainingLog:
     def record(self, entry):
         if self.metrics:
             self._write(json.dumps(entry) + "\n")
+        if self.board:
+            self.board.add(entry)
 
 
 def _last_byte(path):

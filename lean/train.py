@@ -20,6 +20,8 @@ import torch
 
 from lean import checkpoint, distributed
 from lean.background import Writer
+from lean.board import INSTALL as INSTALL_TENSORBOARD
+from lean.board import Board, tensorboard_missing
 from lean.cache import Cache
 from lean.cache import build as build_cache
 from lean.canvas import too_thin
@@ -90,7 +92,7 @@ def train(config, device, process, start_up):
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
     with (
         RunFolder(out, process.main),
-        TrainingLog(out / "metrics.jsonl", process.main, config.resume) as log,
+        TrainingLog(out / "metrics.jsonl", process.main, config.resume, board(config, out, process)) as log,
         StopSignals() as stop,
         writer,
         scorer(config, device, test_cache, test_indices, spec, process) as scoring,
@@ -156,6 +158,11 @@ def train(config, device, process, start_up):
         elapsed = timedelta(seconds=round(time.perf_counter() - monitor.started))
         log.print(f"done: {iteration} iterations in {elapsed}; {checkpointer.last}")
     return 0
+
+
+def board(config, out, process):
+    """TensorBoard event files in OUT/tensorboard, with --tensorboard, on the main process."""
+    return Board(out / "tensorboard") if config.tensorboard and process.main else None
 
 
 def out_of_patience(config, checkpointer):
@@ -365,10 +372,14 @@ def parse_args(argv):
         help="evaluate every this many epochs, and after the last",
     )
     run_group.add_argument("--log-every", type=int, default=defaults.log_every)
+    run_group.add_argument("--tensorboard", action="store_true", help="also write the figures as TensorBoard "
+                           "event files in OUT/tensorboard (needs tensorboard)")  # fmt: skip
     try:
         config = TrainConfig(**vars(parser.parse_args(argv)))
     except SettingError as error:
         parser.error(f"argument --{error.field.replace('_', '-')}: {error.problem}")
+    if config.tensorboard and tensorboard_missing():
+        parser.error(f"argument --tensorboard: needs tensorboard: {INSTALL_TENSORBOARD}")
     if config.resume and config.out is None:
         parser.error("argument --resume: needs --out, the run folder to continue")
     if config.out is not None and config.out.exists() and not config.out.is_dir():
