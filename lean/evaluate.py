@@ -29,6 +29,7 @@ from lean.cli import Parser, add_device_argument, check_device, run
 from lean.errors import LeanError
 from lean.files import check_output, json_or_none, same_file, write_atomically
 from lean.loader import Loader
+from lean.plot import EVALUATION_PLOTS, draw_evaluation, drawn_by_evaluation
 from lean.progress import Progress
 from lean.sampling import split_indices
 from lean.speed import configure_process
@@ -151,7 +152,10 @@ def score(truth, classes, indices, results, metrics=KINDS):
             **dict(zip(STAT_NAMES, stats)),
             "stats": stats,
             "per_class": per_class(evaluator, classes),
+            "pr_curves": pr_curves(evaluator, classes),
         }
+        if kind == "bbox":
+            report[kind]["confusion"] = confusion(truth, kind_results, indices, classes)
     return report, "\n".join([*lines, class_table(report)])
 
 
@@ -163,6 +167,74 @@ def per_class(evaluator, classes):
         values = {"AP": precision[:, :, k, 0, -1], "AP50": precision[0, :, k, 0, -1]}
         table[name] = {key: float(v[v > -1].mean()) if (v > -1).any() else -1.0 for key, v in values.items()}
     return table
+
+
+def pr_curves(evaluator, classes):
+    """{name: {"recall": COCO's 101 recall points, "iou50": the precision at each at IoU 0.5, "iou50_95": its mean
+    over the ten IoU thresholds}}, read from pycocotools' own precision array (all areas, 100 detections), so
+    each curve's mean is the AP printed. -1 where the class has no ground truth."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU thresholds x recall x class
+    curves = {}
+    for k, name in enumerate(classes):
+        over = precision[:, :, k]
+        valid = over > -1
+        mean = np.where(valid.any(0), (over * valid).sum(0) / np.maximum(valid.sum(0), 1), -1.0)
+        curves[name] = {
+            "recall": evaluator.params.recThrs.tolist(),
+            "iou50": over[0].tolist(),
+            "iou50_95": mean.tolist(),
+        }
+    return curves
+
+
+def confusion(truth, results, indices, classes, iou=0.5, score_thresh=0.25):
+    """The confusion matrix of detections (score at least `score_thresh`) against the ground truth at box IoU `iou`:
+    rows are the predicted class, columns the true one, the last of each background. Each image's detections,
+    best score first, take the unmatched true box they overlap most (whatever its class); a detection that
+    takes none is a false positive (background column), a true box no detection takes is missed (background
+    row); crowd regions are left out. With each class's precision and recall from the matrix."""
+    count = len(classes)
+    matrix = np.zeros((count + 1, count + 1), dtype=np.int64)
+    found = {}
+    for result in results:
+        if result["score"] >= score_thresh:
+            found.setdefault(result["image_id"], []).append(result)
+    for index in indices:
+        truths = [a for a in truth.imgToAnns[int(index)] if not a["iscrowd"]]
+        taken = np.zeros(len(truths), dtype=bool)
+        here = found.get(int(index), [])
+        overlaps = _box_iou([result["bbox"] for result in here], [annotation["bbox"] for annotation in truths])
+        for d in np.argsort([-result["score"] for result in here], kind="stable"):
+            free = np.where(taken, -1.0, overlaps[d])
+            g = int(free.argmax()) if len(truths) else -1
+            predicted = here[d]["category_id"] - 1
+            if g >= 0 and free[g] >= iou:
+                taken[g] = True
+                matrix[predicted, truths[g]["category_id"] - 1] += 1
+            else:
+                matrix[predicted, count] += 1
+        for g in np.flatnonzero(~taken):
+            matrix[count, truths[g]["category_id"] - 1] += 1
+    right = np.diag(matrix)[:count]
+    precision = right / np.maximum(matrix[:count].sum(1), 1)
+    recall = right / np.maximum(matrix[:, :count].sum(0), 1)
+    return {
+        "iou": iou, "score_thresh": score_thresh, "labels": [*classes, "background"], "matrix": matrix.tolist(),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r)} for name, p, r in zip(classes, precision, recall)
+        },
+    }  # fmt: skip
+
+
+def _box_iou(a, b):
+    """IoU of every xywh box of `a` with every one of `b`."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    x0, y0 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2])
+    y1 = np.minimum(a[:, None, 1] + a[:, None, 3], b[None, :, 1] + b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    union = a[:, None, 2] * a[:, None, 3] + b[None, :, 2] * b[None, :, 3] - inter
+    return inter / np.maximum(union, 1e-12)
 
 
 def class_table(report):
@@ -252,7 +324,10 @@ def parse_args(argv):
     add_device_argument(parser)
     parser.add_argument("--json", type=Path, help="write the stats, per class too, and the source image ids here")
     parser.add_argument("--results", type=Path, help="write the detections here in COCO's results format")
+    parser.add_argument("--plots", type=Path, help="draw pr_curves.png and confusion_matrix.png in this folder")
     args = parser.parse_args(argv)
+    if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
+        parser.error(f"argument --plots: {args.plots} is a file, not a folder")
     check_device(parser, args.device)
     for flag, path in (("--json", args.json), ("--results", args.results)):  # before the work, not after it
         if path is not None and (path.is_dir() or not path.parent.is_dir()):
@@ -270,6 +345,8 @@ def main(argv=None):
         raise LeanError(f"--json and --results: both name {args.json}; name two files")
     check_output(args.json, "--json", (args.checkpoint, path), lambda p: isinstance(json_or_none(p), dict))
     check_output(args.results, "--results", (args.checkpoint, path), lambda p: isinstance(json_or_none(p), list))
+    for name in EVALUATION_PLOTS if args.plots else ():
+        check_output(args.plots / name, "--plots", (args.checkpoint, path), drawn_by_evaluation)
     cache = Cache(path)
     if cache.classes != spec.class_names:
         raise LeanError(f"{path}: its classes {list(cache.classes)} are not the checkpoint's {list(spec.class_names)}")
@@ -284,6 +361,9 @@ def main(argv=None):
     if args.json:
         stats = json.dumps({**report, "image_ids": cache.source_ids[indices].tolist()}, indent=1)
         write_atomically(args.json, lambda temporary: temporary.write_text(stats))
+    if args.plots:
+        args.plots.mkdir(parents=True, exist_ok=True)
+        draw_evaluation(report, args.plots)
     print(json.dumps({kind: round(values["AP"], 4) for kind, values in report.items()}), file=sys.stderr)
     return 0
 

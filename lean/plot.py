@@ -130,6 +130,72 @@ def draw_curves(run_folders, out):
     return out, skipped
 
 
+MARK = "lean.evaluate"  # in the PNGs' text: what --plots may draw over
+EVALUATION_PLOTS = ("pr_curves.png", "confusion_matrix.png")
+
+
+def draw_evaluation(report, folder):
+    """pr_curves.png (each class's precision against recall at IoU 0.5 and over 0.5:0.95, for each kind the
+    report scored) and confusion_matrix.png (at IoU 0.5, background row and column) in `folder`, written
+    atomically; returns their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        raise PlotUnavailable(f"drawing plots needs matplotlib: {INSTALL}") from None
+    folder = Path(folder)
+    kinds = [kind for kind in ("bbox", "segm") if kind in report]
+    figure, axes = pyplot.subplots(len(kinds), 2, figsize=(11, 4.6 * len(kinds)), squeeze=False, layout="constrained")
+    for row, kind in zip(axes, kinds):
+        for panel, (key, what) in zip(row, (("iou50", "IoU 0.5"), ("iou50_95", "IoU 0.5:0.95"))):
+            for name, curve in report[kind]["pr_curves"].items():
+                points = [(r, p) for r, p in zip(curve["recall"], curve[key]) if p > -1]
+                if points:
+                    ap = sum(p for _, p in points) / len(points)  # the AP printed
+                    panel.plot(*zip(*points), label=f"{name} {ap:.3f}")
+            panel.set(title=f"{kind}, {what}", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+            panel.grid(alpha=0.3)
+            if panel.get_legend_handles_labels()[0]:
+                panel.legend(fontsize="small", title="class, AP")
+    written = [_save(figure, folder / EVALUATION_PLOTS[0], pyplot)]
+    confusion = report["bbox"]["confusion"]
+    matrix, labels = confusion["matrix"], confusion["labels"]
+    size = 2.5 + 0.45 * len(labels)
+    figure, panel = pyplot.subplots(figsize=(size + 1, size), layout="constrained")
+    image = panel.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=panel)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            panel.text(j, i, value, ha="center", va="center", fontsize="small")
+    panel.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    panel.set_yticks(range(len(labels)), labels)
+    panel.set(xlabel="true", ylabel="predicted",
+              title=f"boxes at IoU {confusion['iou']}, scores from {confusion['score_thresh']}")  # fmt: skip
+    written.append(_save(figure, folder / EVALUATION_PLOTS[1], pyplot))
+    return written
+
+
+def _save(figure, path, pyplot):
+    write_atomically(
+        path, lambda temporary: figure.savefig(temporary, format="png", dpi=90, metadata={"Software": MARK})
+    )
+    pyplot.close(figure)
+    return path
+
+
+def drawn_by_evaluation(path):
+    """Whether the file at `path` is a picture draw_evaluation drew (they carry its mark)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == MARK
+    except (OSError, ValueError):
+        return False
+
+
 class Curves:
     """A run's curves.png, drawn again after every epoch; without matplotlib, one line the first time, and the
     run goes on."""
@@ -146,6 +212,14 @@ class Curves:
                 self.said = True
                 return f"no curves.png: {error}; training goes on"
         return None
+
+    def evaluation(self, report):
+        """Draw the run's last evaluation (draw_evaluation); returns the line to print."""
+        try:
+            paths = draw_evaluation(report, self.folder)
+        except LeanError as error:
+            return f"no {' or '.join(EVALUATION_PLOTS)}: {error}"
+        return f"the last evaluation drawn: {', '.join(str(path) for path in paths)}"
 
 
 def parse_args(argv):

@@ -140,6 +140,7 @@ class Evaluations:
     def __init__(self, scorer, log, checkpointer, main_metric):
         self.scorer, self.log, self.checkpointer, self.main_metric = scorer, log, checkpointer, main_metric
         self.submitted = set()
+        self.latest = None  # the report of the latest epoch scored
 
     def start(self, epoch, results):
         self.scorer.submit(epoch, results)
@@ -153,6 +154,7 @@ class Evaluations:
             self.log.print(text)
             self.log.evaluation(scored, report)
             self.submitted.discard(scored)
+            self.latest = report
             if scored == epoch:
                 ap = report[self.main_metric]["AP"]
             else:

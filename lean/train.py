@@ -154,6 +154,8 @@ def train(config, device, process, start_up):
         except NonFiniteLoss as error:
             print(f"error: {error}; {checkpointer.last} keeps the last good state", file=sys.stderr)
             return EXIT_DIVERGED
+        if evaluations.latest is not None:
+            writer.submit(lambda: log.print(curves.evaluation(evaluations.latest)))
         writer.wait()
         elapsed = timedelta(seconds=round(time.perf_counter() - monitor.started))
         log.print(f"done: {iteration} iterations in {elapsed}; {checkpointer.last}")

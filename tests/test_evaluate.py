@@ -15,9 +15,10 @@ from pycocotools.cocoeval import COCOeval
 from bench.seed_pipeline import seed_targets
 from lean.cache import Cache, build
 from lean.coco import CocoSource
-from lean.evaluate import STAT_NAMES, coco_eval, detections, in_source_terms, on_host
+from lean.evaluate import STAT_NAMES, _coco, coco_eval, confusion, detections, in_source_terms, on_host
 from lean.evaluate import main as evaluate_main
 from lean.pennfudan import PennFudanSource
+from lean.plot import EVALUATION_PLOTS, drawn_by_evaluation
 from lean.synthetic import SyntheticSource
 from tests.coco_files import annotation, dataset, polygon, write_coco
 from tests.conftest import cli
@@ -202,11 +203,16 @@ def test_evaluate_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
 def test_evaluate_writes_per_class_stats_source_ids_and_coco_results(trained, three_classes, tmp_path, capsys):
     _, valid = three_classes
     argv = ["--checkpoint", str(trained / "last.pt"), "--device", "cpu", "--json", str(tmp_path / "s.json"),
-            "--results", str(tmp_path / "r.json")]  # fmt: skip
+            "--results", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")]  # fmt: skip
     status, stdout, _ = cli(evaluate_main, argv, capsys)
     report = json.loads((tmp_path / "s.json").read_text())
     assert status == 0 and report["image_ids"] == Cache(valid).source_ids.tolist()  # all of the validation cache
     assert set(report["bbox"]["per_class"]) == {"person", "disc", "triangle"}
+    confusion = report["bbox"]["confusion"]
+    assert confusion["labels"] == ["person", "disc", "triangle", "background"] and len(confusion["matrix"]) == 4
+    assert set(confusion["per_class"]["disc"]) == {"precision", "recall"}
+    assert all(drawn_by_evaluation(tmp_path / "plots" / name) for name in EVALUATION_PLOTS)
+    assert all(drawn_by_evaluation(trained / name) for name in EVALUATION_PLOTS)  # the run drew its last one
     assert "class" in stdout and "disc" in stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert all(set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"} for r in results)
@@ -318,3 +324,48 @@ def test_a_detection_exports_results_score_with_pycocotools_as_lean_scores_them(
         evaluator.summarize()
     assert 0.1 < lean["bbox"]["AP"] < 0.99
     np.testing.assert_allclose(evaluator.stats, lean["bbox"]["stats"], atol=1e-6)
+
+
+def test_the_confusion_matrix_counts_matches_confusions_misses_and_false_positives():
+    boxes = {"a": [0, 0, 10, 10], "b": [20, 20, 10, 10], "c": [40, 40, 10, 10]}
+    truth = _coco({
+        "images": [{"id": 0, "height": 80, "width": 80}],
+        "annotations": [{"id": k + 1, "image_id": 0, "category_id": label, "bbox": boxes[name], "area": 100.0,
+                         "iscrowd": 0} for k, (name, label) in enumerate([("a", 1), ("b", 2), ("c", 1)])],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    })  # fmt: skip
+    found = [
+        {"image_id": 0, "category_id": 1, "bbox": [0.5, 0, 10, 10], "score": 0.9},  # a, rightly
+        {"image_id": 0, "category_id": 1, "bbox": [20, 20, 10, 9], "score": 0.8},  # b, called a cat
+        {"image_id": 0, "category_id": 2, "bbox": [60, 60, 5, 5], "score": 0.7},  # nothing there
+        {"image_id": 0, "category_id": 1, "bbox": [40, 40, 10, 10], "score": 0.1},  # c, below the score cut
+    ]
+    table = confusion(truth, found, [0], ["cat", "dog"])
+    assert table["matrix"] == [[1, 1, 0], [0, 0, 1], [1, 0, 0]]  # rows predicted, columns true; c missed
+    assert table["per_class"] == {"cat": {"precision": 0.5, "recall": 0.5}, "dog": {"precision": 0.0, "recall": 0.0}}
+
+
+def test_each_classs_pr_curve_averages_to_the_ap_printed(cache):
+    indices = list(range(12))
+    rng = np.random.default_rng(1)
+    predictions = []
+    for i in indices:
+        target = cache.target(i)
+        boxes = target["boxes"] + torch.from_numpy(rng.normal(0, 3, target["boxes"].shape)).float()
+        predictions.append({"boxes": boxes, "scores": torch.from_numpy(rng.random(len(boxes))).float(),
+                            "labels": target["labels"]})  # fmt: skip
+    report = coco_eval(cache, indices, predictions, verbose=False, metrics=("bbox",))["bbox"]
+    for name, curve in report["pr_curves"].items():
+        at50, overall = np.array(curve["iou50"]), np.array(curve["iou50_95"])
+        assert np.isclose(at50.mean(), report["per_class"][name]["AP50"])
+        assert np.isclose(overall.mean(), report["per_class"][name]["AP"]) and len(curve["recall"]) == 101
+
+
+def test_plots_into_a_file_or_over_a_picture_it_did_not_draw_are_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = ["--checkpoint", str(run_dir / "last.pt"), "--device", "cpu", "--plots"]
+    status, _, stderr = cli(evaluate_main, [*argv, str(tmp_path / "file")], capsys)
+    assert status == 2 and "--plots" in stderr and "is a file" in stderr
+    Image.new("RGB", (4, 4)).save(tmp_path / "pr_curves.png")
+    status, _, stderr = cli(evaluate_main, [*argv, str(tmp_path)], capsys)
+    assert status == 2 and "a file this command did not write" in stderr
