@@ -13,6 +13,7 @@ DEFAULT_CACHE = Path("cache/pennfudan.h5")
 AT_LEAST_ONE = ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every")
 AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size", "canvas_levels", "patience")
 POSITIVE_IF_GIVEN = ("lr", "clip_grad", "repeat_factor")
+AUGMENTS = ("hflip", "multiscale")  # lean.augment
 
 
 class SettingError(LeanError):
@@ -52,6 +53,8 @@ class TrainConfig:
     patience: int | None = None  # stop after this many evaluations without a better main AP
     ema: float | None = None  # decay of the weights' moving average, evaluated and saved as the model
     repeat_factor: float | None = None  # LVIS repeat-factor sampling's threshold: rare classes' images repeated
+    augment: str = "hflip"  # lean.augment's preset
+    color_jitter: bool = False
     # speed
     device: str = "cpu"
     amp: str | None = None
@@ -84,6 +87,8 @@ class TrainConfig:
             raise SettingError("weight_decay", f"must be a number, not negative, not {self.weight_decay}")
         if self.min_size > self.max_size:
             raise SettingError("min_size", f"{self.min_size} is more than --max-size {self.max_size}")
+        if self.augment not in AUGMENTS:
+            raise SettingError("augment", f"unknown preset {self.augment!r}; lean has {', '.join(AUGMENTS)}")
         if self.ema is not None and not 0 < self.ema < 1:  # nan fails it too
             raise SettingError("ema", f"must be between 0 and 1 (a decay such as 0.999), not {self.ema}")
         if self.patience is not None and self.no_eval:

@@ -89,15 +89,21 @@ class StopSignals:
         return EXIT_SIGNAL[self.received]
 
 
-def train_one_epoch(model, run, amp_dtype, clip_norm, loader, epoch, iteration, total_iterations, monitor, log, stop):
+def train_one_epoch(
+    model, run, amp_dtype, clip_norm, loader, epoch, iteration, total_iterations, monitor, log, stop, augment=None
+):
     """Train `model` (run.model, or its DDP wrapper) on the loader's epoch, from its start batch, with run's
-    optimizer, scheduler and scaler, until the epoch ends, `total_iterations` is reached, or `stop` receives a
-    signal; returns the iteration reached."""
+    optimizer, scheduler and scaler, and `augment` (lean.augment.Augment) if given, until the epoch ends,
+    `total_iterations` is reached, or `stop` receives a signal; returns the iteration reached."""
     monitor.new_epoch()
     for batch_index, (images, targets) in enumerate(loader, start=loader.start_batch):
+        if augment is not None:
+            images = augment.before_step(run.model.transform, images, epoch, batch_index)
         losses, names = train_step(
             model, images, targets, run.optimizer, run.scheduler, run.scaler, amp_dtype, clip_norm
         )
+        if augment is not None:
+            augment.after_step(run.model.transform)
         if run.ema is not None:
             run.ema.update()
         iteration += 1

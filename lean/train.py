@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lean import checkpoint, distributed
+from lean.augment import Augment
 from lean.background import Writer
 from lean.board import INSTALL as INSTALL_TENSORBOARD
 from lean.board import Board, tensorboard_missing
@@ -27,7 +28,7 @@ from lean.cache import build as build_cache
 from lean.canvas import too_thin
 from lean.checkpoint import Checkpointer, Position, RunFolder, position_after
 from lean.cli import Parser, add_device_argument, check_device, run
-from lean.config import DEFAULT_CACHE, SettingError, TrainConfig
+from lean.config import AUGMENTS, DEFAULT_CACHE, SettingError, TrainConfig
 from lean.ema import WeightsEMA
 from lean.engine import RunState, StopSignals, train_one_epoch, validation_losses
 from lean.errors import LeanError
@@ -88,6 +89,8 @@ def train(config, device, process, start_up):
         test_cache, config.batch_size, shuffle=False, device=device, indices=test_indices, flip=False,
         dtype=torch.uint8, masks=spec.masks,
     )  # the held-out images as training takes them, for the validation loss  # fmt: skip
+    augment = Augment(config.augment, config.color_jitter, config.seed, config.min_size)
+    augment = augment if augment.active else None
     trained = distributed.wrap(model, process, device)  # what the step calls: under DDP, the wrapper
     total_iterations = min(len(loader) * config.epochs, config.max_iters or sys.maxsize)
     with (
@@ -127,7 +130,7 @@ def train(config, device, process, start_up):
                     break
                 loader.set_epoch(epoch, position.batch if epoch == position.epoch else 0)
                 iteration = train_one_epoch(trained, run_state, speed.amp, config.clip_grad, loader, epoch, iteration,
-                                            total_iterations, monitor, log, stop)  # fmt: skip
+                                            total_iterations, monitor, log, stop, augment)  # fmt: skip
                 last = iteration >= total_iterations
                 if process.main and not stop.received and evaluation_due(config, epoch, last):
                     with run_state.ema.applied() if run_state.ema else contextlib.nullcontext():  # what is saved
@@ -340,6 +343,11 @@ def parse_args(argv):
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
     schedule.add_argument("--ema", type=float, help="keep a moving average of the weights with this decay "
                           "(e.g. 0.999), updated after each step: evaluated and saved as the model")  # fmt: skip
+    data.add_argument("--augment", choices=AUGMENTS, default=defaults.augment, help="hflip: the tutorial's "
+                      "flips; multiscale: flips, and each batch's short side drawn from 480-800 (by 32) scaled to "
+                      "--min-size")  # fmt: skip
+    data.add_argument("--color-jitter", action="store_true", help="also change each image's brightness, contrast, "
+                      "saturation and hue (the references' SSD ranges)")  # fmt: skip
     data.add_argument("--repeat-factor", type=float, help="repeat-factor sampling for rare classes (LVIS, "
                       "detectron2): images of classes in fewer than this fraction of the images come more often; "
                       "e.g. 0.1")  # fmt: skip

@@ -11,7 +11,8 @@ FLOORS = [
     "errors progress masks targets sampling canvas internals heads paste",  # plain data, private names, torch alone
     "files config cli download example images weights optim distributed frozen_norm roi_align transform "
     "speed background coco_fields cache.format cache.verify ema board",
-    "coco pennfudan synthetic cache.writer cache.reader cache.export cache.__main__ staging monitor model plot engine",
+    "coco pennfudan synthetic cache.writer cache.reader cache.export cache.__main__ staging monitor model plot engine "
+    "augment",
     "sources cache loader checkpoint deployed",
     "cache.command evaluate predict",
     "scoring export",

@@ -155,6 +155,7 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny, tmp_path):
         (["--patience", "0"], "--patience: must be at least 1"),
         (["--ema", "1"], "--ema: must be between 0 and 1"),
         (["--repeat-factor", "0"], "--repeat-factor: must be a positive number, not 0.0"),
+        (["--augment", "mosaic"], "--augment: invalid choice"),
         (["--ema", "nan"], "--ema: must be between 0 and 1"),
         (["--patience", "2", "--no-eval"], "--patience: counts evaluations, and --no-eval leaves none"),
     ],
