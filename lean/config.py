@@ -13,7 +13,7 @@ DEFAULT_CACHE = Path("cache/pennfudan.h5")
 AT_LEAST_ONE = ("epochs", "batch_size", "log_every", "min_size", "max_size", "lr_step_epochs", "eval_every")
 AT_LEAST_ONE_IF_GIVEN = ("max_iters", "test_size", "canvas_levels", "patience")
 POSITIVE_IF_GIVEN = ("lr", "clip_grad", "repeat_factor")
-AUGMENTS = ("hflip", "multiscale")  # lean.augment
+AUGMENTS = ("hflip", "multiscale", "lsj")  # lean.augment
 
 
 class SettingError(LeanError):

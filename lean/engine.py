@@ -98,7 +98,7 @@ def train_one_epoch(
     monitor.new_epoch()
     for batch_index, (images, targets) in enumerate(loader, start=loader.start_batch):
         if augment is not None:
-            images = augment.before_step(run.model.transform, images, epoch, batch_index)
+            images, targets = augment.before_step(run.model.transform, images, targets, epoch, batch_index)
         losses, names = train_step(
             model, images, targets, run.optimizer, run.scheduler, run.scaler, amp_dtype, clip_norm
         )

@@ -345,7 +345,7 @@ def parse_args(argv):
                           "(e.g. 0.999), updated after each step: evaluated and saved as the model")  # fmt: skip
     data.add_argument("--augment", choices=AUGMENTS, default=defaults.augment, help="hflip: the tutorial's "
                       "flips; multiscale: flips, and each batch's short side drawn from 480-800 (by 32) scaled to "
-                      "--min-size")  # fmt: skip
+                      "--min-size; lsj: flips, and large-scale jitter into a square of side --min-size")  # fmt: skip
     data.add_argument("--color-jitter", action="store_true", help="also change each image's brightness, contrast, "
                       "saturation and hue (the references' SSD ranges)")  # fmt: skip
     data.add_argument("--repeat-factor", type=float, help="repeat-factor sampling for rare classes (LVIS, "

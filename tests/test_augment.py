@@ -8,6 +8,16 @@ from hypothesis import strategies as st
 from lean.augment import Augment, jitter_factors, jittered, multiscale_sizes, short_side
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
+from tests.conftest import QUICK, run_train
+
+
+def within(mask, box, slack=1):
+    """Whether the mask's pixels lie in its box: pixel c spans [c, c + 1), and a mask resized by nearest neighbour
+    may reach one pixel (`slack`) past the box scaled exactly."""
+    rows, cols = np.nonzero(mask.numpy())
+    x0, y0, x1, y1 = box.tolist()
+    return not len(rows) or (cols.min() >= x0 - 1 - slack and cols.max() <= x1 + slack
+                             and rows.min() >= y0 - 1 - slack and rows.max() <= y1 + slack)  # fmt: skip
 
 
 def test_multiscale_draws_the_references_sides_scaled_to_the_runs_min_size():
@@ -40,17 +50,40 @@ def test_a_multiscale_batch_is_resized_with_its_boxes_and_masks_and_the_size_com
     model = create_model(ModelSpec("mobilenet_v3_fpn", min_size=96, max_size=160, pretrained=False)).train()
     augment = Augment("multiscale", True, seed=0, min_size=96)
     images, targets = next(iter(Loader(cache, 2, seed=0, device="cpu", dtype=torch.uint8, indices=[3, 4])))
-    images = augment.before_step(model.transform, images, epoch=0, batch=batch)
+    images, targets = augment.before_step(model.transform, images, targets, epoch=0, batch=batch)
     side = model.transform.min_size[0]
     resized, targets = model.transform(images, [dict(t) for t in targets])
     for (height, width), target in zip(resized.image_sizes, targets):
         assert min(height, width) == side or max(height, width) == 160  # the short side drawn, unless too long
         assert target["masks"].shape[-2:] == (height, width)
-        for box, mask in zip(target["boxes"], target["masks"]):
-            rows, cols = np.nonzero(mask.numpy())
-            if len(rows):  # each mask within its box, the box within the image
-                assert cols.min() >= box[0] - 1.5 and cols.max() <= box[2] + 0.5
-                assert rows.min() >= box[1] - 1.5 and rows.max() <= box[3] + 0.5
+        assert all(within(mask, box) for box, mask in zip(target["boxes"], target["masks"]))
         assert (target["boxes"][:, 2] <= width + 1e-3).all() and (target["boxes"][:, 3] <= height + 1e-3).all()
     augment.after_step(model.transform)
     assert model.transform.min_size == (96,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 3))
+def test_large_scale_jitter_fills_the_square_and_keeps_each_mask_in_its_clipped_box(cache, batch, epoch):
+    augment = Augment("lsj", False, seed=1, min_size=64)
+    images, targets = next(iter(Loader(cache, 3, seed=0, device="cpu", dtype=torch.uint8, indices=[0, 5, 9])))
+    before = [len(target["boxes"]) for target in targets]
+    images, targets = augment.before_step(None, images, [dict(t) for t in targets], epoch, batch)
+    again, _ = augment.before_step(None, *next(iter(Loader(cache, 3, seed=0, device="cpu", dtype=torch.uint8,
+                                                             indices=[0, 5, 9]))), epoch, batch)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(images, again))  # a pure function of (seed, epoch, batch)
+    for image, target, count in zip(images, targets, before):
+        assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+        boxes, masks = target["boxes"], target["masks"]
+        assert len(boxes) == len(masks) == len(target["labels"]) == len(target["area"]) <= count
+        assert (boxes >= 0).all() and (boxes <= 64).all()  # clipped to the square
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()  # none left without area
+        assert masks.shape[-2:] == (64, 64)
+        assert all(within(mask, box) for box, mask in zip(boxes, masks))
+
+
+def test_a_run_trains_with_large_scale_jitter_and_colour_jitter(tiny, tmp_path, capsys):
+    argv = ["--cache", str(tiny), *QUICK, "--augment", "lsj", "--color-jitter", "--max-iters", "2"]
+    status, _, stderr = run_train([*argv, "--out", str(tmp_path)], capsys)
+    assert status == 0, stderr
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["config"]["augment"] == "lsj"
