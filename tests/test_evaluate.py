@@ -144,8 +144,11 @@ def test_perfect_predictions_score_one(folder_cache, capsys):
     report = coco_eval(cache, indices, perfect(cache, indices))
     for kind in ("bbox", "segm"):
         assert report[kind]["AP"] == pytest.approx(1.0) and report[kind]["AP50"] == pytest.approx(1.0)
-        assert list(report[kind]) == [*STAT_NAMES, "stats", "per_class"] and len(report[kind]["stats"]) == 12
+        extra = ["confusion"] if kind == "bbox" else []
+        assert list(report[kind]) == [*STAT_NAMES, "stats", "per_class", "pr_curves", *extra]
+        assert len(report[kind]["stats"]) == 12
         assert report[kind]["per_class"] == {"person": {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}}
+    assert report["bbox"]["confusion"]["per_class"] == {"person": {"precision": 1.0, "recall": 1.0}}
     printed = capsys.readouterr().out
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed and printed.count("Average Precision") == 12
 

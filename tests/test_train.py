@@ -533,8 +533,9 @@ def test_patience_stops_after_k_evaluations_without_a_better_ap_and_resume_has_n
 
 def _report(ap):
     """A scorer's (report, text) with main AP `ap`: what --patience reads."""
-    values = {"AP": ap, "stats": [ap] * 12, "per_class": {}}
-    return {"bbox": values, "segm": values}, f"AP {ap}"
+    values = {"AP": ap, "stats": [ap] * 12, "per_class": {}, "pr_curves": {}}
+    matrix = {"iou": 0.5, "score_thresh": 0.25, "labels": ["person", "background"], "matrix": [[0, 0], [0, 0]]}
+    return {"bbox": {**values, "confusion": matrix}, "segm": values}, f"AP {ap}"
 
 
 def test_the_weights_average_follows_the_model_on_its_ramp_and_swaps_in_and_out_whole():
