@@ -43,7 +43,7 @@ class OnnxModel:
     """An ONNX file lean.export wrote, run by onnxruntime on the CPU."""
 
     def __init__(self, path):
-        if missing_onnx_packages():
+        if importlib.util.find_spec("onnxruntime") is None:
             raise LeanError(f"{path}: running an ONNX model needs onnxruntime: {INSTALL_ONNX}")
         import onnxruntime
 

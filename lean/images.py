@@ -79,3 +79,13 @@ def _decoder_reason(error):
 def read_rgb(data, name="image", what="image"):
     """H x W x 3 uint8 numpy RGB pixels from an image file's bytes."""
     return np.ascontiguousarray(decode_rgb(data, name, what).permute(1, 2, 0).numpy())
+
+
+def png_marked(path, mark):
+    """Whether the file at `path` is a PNG whose "Software" text is `mark`: a picture a lean command drew, and so
+    one it may draw over."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == mark
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False

@@ -15,6 +15,7 @@ from pathlib import Path
 from lean.cli import Parser, run
 from lean.errors import LeanError
 from lean.files import write_atomically
+from lean.images import png_marked
 
 INSTALL = "pip install -e '.[plot]' (matplotlib)"
 WINDOW = 20
@@ -187,13 +188,7 @@ def _save(figure, path, pyplot):
 
 def drawn_by_evaluation(path):
     """Whether the file at `path` is a picture draw_evaluation drew (they carry its mark)."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get("Software") == MARK
-    except (OSError, ValueError):
-        return False
+    return png_marked(path, MARK)
 
 
 class Curves:

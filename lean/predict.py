@@ -28,7 +28,7 @@ from lean.cli import Parser, add_device_argument, check_device, run
 from lean.deployed import load_deployed
 from lean.errors import LeanError, reason
 from lean.files import distinct, write_atomically
-from lean.images import SUFFIXES, decode_rgb, read_header
+from lean.images import SUFFIXES, decode_rgb, png_marked, read_header
 from lean.progress import Progress
 from lean.speed import configure_process
 
@@ -75,11 +75,7 @@ def output_names(paths, out):
 
 def drawn_here(path):
     """Whether the file at `path` is a picture lean.predict drew (they carry its mark)."""
-    try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get("Software") == MARK
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
+    return png_marked(path, MARK)
 
 
 def keep_confident(prediction, score_thresh):

@@ -318,6 +318,14 @@ def parse_args(argv):
         "--test-size", type=int, help="images held out for evaluation (default: 50, or a fifth of a small set)"
     )
     data.add_argument("--seed", type=int, default=defaults.seed, help="split, batch order, flips and initialisation")
+    data.add_argument("--augment", choices=AUGMENTS, default=defaults.augment, help="hflip: the tutorial's "
+                      "flips; multiscale: flips, and each batch's short side drawn from 480-800 (by 32) scaled to "
+                      "--min-size; lsj: flips, and large-scale jitter into a square of side --min-size")  # fmt: skip
+    data.add_argument("--color-jitter", action="store_true", help="also change each image's brightness, contrast, "
+                      "saturation and hue (the references' SSD ranges)")  # fmt: skip
+    data.add_argument("--repeat-factor", type=float, help="repeat-factor sampling for rare classes (LVIS, "
+                      "detectron2): images of classes in fewer than this fraction of the images come more often; "
+                      "e.g. 0.1")  # fmt: skip
     model = parser.add_argument_group("model")
     model.add_argument("--task", choices=TASKS, help="segment: Mask R-CNN, boxes and masks (default); detect: "
                        "Faster R-CNN, boxes alone, the tutorial's first model")  # fmt: skip
@@ -343,14 +351,6 @@ def parse_args(argv):
     schedule.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
     schedule.add_argument("--ema", type=float, help="keep a moving average of the weights with this decay "
                           "(e.g. 0.999), updated after each step: evaluated and saved as the model")  # fmt: skip
-    data.add_argument("--augment", choices=AUGMENTS, default=defaults.augment, help="hflip: the tutorial's "
-                      "flips; multiscale: flips, and each batch's short side drawn from 480-800 (by 32) scaled to "
-                      "--min-size; lsj: flips, and large-scale jitter into a square of side --min-size")  # fmt: skip
-    data.add_argument("--color-jitter", action="store_true", help="also change each image's brightness, contrast, "
-                      "saturation and hue (the references' SSD ranges)")  # fmt: skip
-    data.add_argument("--repeat-factor", type=float, help="repeat-factor sampling for rare classes (LVIS, "
-                      "detectron2): images of classes in fewer than this fraction of the images come more often; "
-                      "e.g. 0.1")  # fmt: skip
     schedule.add_argument("--patience", type=int, help="stop after this many evaluations without a better main AP "
                           "(segm, or bbox for --task detect); best.pt keeps the best")  # fmt: skip
     speed = parser.add_argument_group("speed (each default follows a measurement: docs/performance.md)")
