@@ -58,7 +58,7 @@ def open_source(params, root=None, annotations=None, images=None, download=False
     kind = params.get("source")
     if kind == "synthetic":
         return SyntheticSource(params["num_images"], params["seed"], params.get("classes", 1),
-                               params.get("boxes_only", False))  # fmt: skip
+                               params.get("boxes_only", False), params.get("rare", 1))  # fmt: skip
     if kind == "coco":
         annotations = Path(annotations or params["annotations"])
         folder = images or params.get("images")

@@ -7,7 +7,9 @@ torso, two legs) and vary in size, colour and texture; 0 to 6 per image,
 nearer ones (lower feet) drawn over farther ones, some cut by the image
 border: a PennFudan-like set. With K classes, figures of K kinds (person,
 disc, triangle, cross, block) are drawn translucent, so where they overlap
-both show, and each instance's mask is its whole figure: masks overlap.
+both show, and each instance's mask is its whole figure: masks overlap;
+with --rare R the last kind is drawn R times less often than each other
+kind (a long-tailed set, for rare-class sampling).
 Small images and strong shapes make either learnable by Mask R-CNN from
 scratch in minutes on a CPU.
 """
@@ -97,16 +99,17 @@ def _figure_parts(rng, figure, rows, cols):
     return [(head, skin), (torso, rng.uniform(0, 255, size=3)), (legs, rng.uniform(0, 255, size=3))]
 
 
-def synthesize_classes(seed, index, classes):
+def synthesize_classes(seed, index, classes, rare=1):
     """(H x W x 3 uint8 image, N x H x W uint8 masks, (N,) int64 labels 1..classes) of image `index`: figures of
-    `classes` kinds, translucent, their masks whole where they overlap."""
-    rng = _rng([seed, classes], index)
+    `classes` kinds, translucent, their masks whole where they overlap; the last kind `rare` times less often."""
+    rng = _rng([seed, classes] if rare == 1 else [seed, classes, rare], index)
+    weights = np.array([1.0] * (classes - 1) + [1.0 / rare])
     height, width = image_size(seed, index)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
     image = _background(rng, rows, cols)
     masks, labels = [], []
     for _ in range(rng.integers(0, MAX_FIGURES + 1)):
-        label = int(rng.integers(1, classes + 1))
+        label = int(rng.integers(1, classes + 1) if rare == 1 else rng.choice(classes, p=weights / weights.sum()) + 1)
         figure = _figure_layout(rng, height, width)
         shape = _shape(KINDS[label - 1], rng, figure, rows, cols)
         if not shape.any():  # wholly outside the image
@@ -145,10 +148,12 @@ class SyntheticSource:
     kind = "synthetic"
     box_end = "inclusive"  # boxes as the Penn-Fudan source derives them
 
-    def __init__(self, num_images, seed, classes=1, boxes_only=False):
+    def __init__(self, num_images, seed, classes=1, boxes_only=False, rare=1):
         if not 1 <= classes <= len(KINDS):
             raise ValueError(f"{classes} classes: the synthetic source draws 1 to {len(KINDS)} kinds of figure")
-        self.num_images, self.seed, self.num_classes = int(num_images), int(seed), int(classes)
+        if rare != 1 and classes < 2:
+            raise ValueError("a rare class needs at least 2 classes")
+        self.num_images, self.seed, self.num_classes, self.rare = int(num_images), int(seed), int(classes), int(rare)
         self.masks = not boxes_only  # with boxes_only, a detection dataset: the same figures, boxes alone
         self.classes = KINDS[: self.num_classes]
         self.category_ids = tuple(range(1, self.num_classes + 1))
@@ -162,6 +167,8 @@ class SyntheticSource:
         params = {"source": self.kind, "num_images": self.num_images, "seed": self.seed}
         if self.num_classes != 1:
             params["classes"] = self.num_classes
+        if self.rare != 1:
+            params["rare"] = self.rare
         return params if self.masks else {**params, "boxes_only": True}
 
     def source_ids(self):
@@ -180,7 +187,7 @@ class SyntheticSource:
         return (
             synthesize(self.seed, i)[0]
             if self.num_classes == 1
-            else synthesize_classes(self.seed, i, self.num_classes)[0]
+            else synthesize_classes(self.seed, i, self.num_classes, self.rare)[0]
         )
 
     def load(self, i, encoded=False):
@@ -197,7 +204,7 @@ class SyntheticSource:
             if encoded:
                 return from_instance_map(id_map, digest, encoded=_png(image))
             return from_instance_map(id_map, digest, pixels=image)
-        image, masks, labels = synthesize_classes(self.seed, i, self.num_classes)
+        image, masks, labels = synthesize_classes(self.seed, i, self.num_classes, self.rare)
         boxes = boxes_of_masks(masks)
         digest = hashlib.sha256(image.tobytes() + masks.tobytes() + labels.tobytes()).digest()
         pixels, data = (None, _png(image)) if encoded else (image, None)

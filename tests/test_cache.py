@@ -79,6 +79,15 @@ def test_synthetic_source_is_a_function_of_its_arguments():
     assert first.sizes().tolist() == [list(first.load(i).pixels.shape[:2]) for i in range(5)]
 
 
+def test_a_rare_class_is_drawn_about_as_much_less_often_as_asked_and_rare_one_is_the_plain_set():
+    labels = np.concatenate([SyntheticSource(150, 0, classes=3, rare=10).load(i).labels for i in range(150)])
+    counts = np.bincount(labels, minlength=4)[1:]
+    assert 5 <= min(counts[:2]) / counts[2] <= 20  # ten times rarer, within a draw's spread
+    plain, rare_one = SyntheticSource(4, 1, classes=3), SyntheticSource(4, 1, classes=3, rare=1)
+    assert [plain.load(i).digest for i in range(4)] == [rare_one.load(i).digest for i in range(4)]
+    assert "rare" not in rare_one.params() and SyntheticSource(4, 1, classes=3, rare=10).params()["rare"] == 10
+
+
 def test_cache_opens_lazily_in_each_process(tmp_path):
     cache = Cache(build(SyntheticSource(4, 0), tmp_path / "c.h5", workers=0, progress=False))
     cache.image(0)
@@ -311,6 +320,8 @@ def test_damaged_or_foreign_cache_is_refused_in_one_line(tmp_path, capsys, damag
         (["build", "--source", "synthetic", "--num-images", "0"], "--num-images: must be at least 1"),
         (["build", "--source", "synthetic", "--root", "x"], "--root: applies to --source pennfudan only"),
         (["build", "--source", "imagenet"], "invalid choice"),
+        (["build", "--source", "synthetic", "--classes", "3", "--rare", "0"], "--rare: must be at least 1"),
+        (["build", "--source", "synthetic", "--rare", "10"], "--rare: applies to --source synthetic with --classes"),
         (["info"], "the following arguments are required"),
     ],
 )

@@ -49,6 +49,8 @@ def parse_args(argv):
     make.add_argument("--seed", type=int, default=0, help="synthetic source: which images")
     make.add_argument("--classes", type=int, default=1, help=f"synthetic source: kinds of figure, 1 to {len(KINDS)}")
     make.add_argument("--boxes-only", action="store_true", help="synthetic source: boxes alone, as a detection export")
+    make.add_argument("--rare", type=int, default=1, metavar="R",
+                      help="synthetic source: the last class drawn R times less often than each other")  # fmt: skip
 
     describe = commands.add_parser("info", help="what a cache holds")
     describe.add_argument("path", type=Path)
@@ -75,6 +77,10 @@ def parse_args(argv):
             parser.error(f"argument --classes: must be 1 to {len(KINDS)}, got {args.classes}")
         if args.source != "synthetic" and args.classes != 1:
             parser.error("argument --classes: applies to --source synthetic only")
+        if args.rare < 1:
+            parser.error(f"argument --rare: must be at least 1, got {args.rare}")
+        if args.rare != 1 and (args.source != "synthetic" or args.classes < 2):
+            parser.error("argument --rare: applies to --source synthetic with --classes 2 or more")
         if args.source != "synthetic" and args.boxes_only:
             parser.error("argument --boxes-only: applies to --source synthetic only (a COCO file without "
                          "segmentations gives boxes alone by itself)")  # fmt: skip
@@ -91,7 +97,7 @@ def build_params(args):
     """The build's arguments as the params a cache records of its source."""
     if args.source == "synthetic":
         return {"source": "synthetic", "num_images": args.num_images, "seed": args.seed, "classes": args.classes,
-                "boxes_only": args.boxes_only}  # fmt: skip
+                "boxes_only": args.boxes_only, "rare": args.rare}  # fmt: skip
     if args.source == "coco":
         return {"source": "coco", "annotations": args.annotations, "images": args.images}
     return {"source": "pennfudan", "root": args.root}
