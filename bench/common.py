@@ -20,6 +20,11 @@ def median_seconds(work, repeats):
     return statistics.median(times)
 
 
+def copied(state):
+    """A state dict of its own: create_model takes a state's tensors as the model's."""
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
 def epochs(make_batches):
     """Batches without end: epoch after epoch of make_batches(epoch)."""
     epoch = 0

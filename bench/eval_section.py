@@ -4,7 +4,7 @@ tutorial's script's whole evaluation against lean's."""
 import numpy as np
 import torch
 
-from bench.common import median_seconds, scratch_cache
+from bench.common import copied, median_seconds, scratch_cache
 from bench.seed_pipeline import seed_model_from_scratch
 from lean.model import ModelSpec, create_model
 from lean.speed import Speed
@@ -64,7 +64,7 @@ def evaluation_on_device(root, repeats, scratch, device, min_size=800, max_size=
     reference = seed_model_from_scratch(min_size, max_size)
     spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, pretrained=False)
     speed = Speed.for_device(device)
-    model = create_model(spec, reference.state_dict(), speed, device)
+    model = create_model(spec, copied(reference.state_dict()), speed, device)
     reference.to(device)
     _, test_loader, test = loaders(root, 50, 0)
     cache = scratch_cache(root, scratch)  # its images are the PNGs' in sorted order, as the seed's Dataset lists them

@@ -6,7 +6,7 @@ import statistics
 
 import torch
 
-from bench.common import epochs, scratch_cache, time_steps
+from bench.common import copied, epochs, scratch_cache, time_steps
 from bench.seed_pipeline import seed_detector, seed_loader, seed_model, seed_step
 from lean.engine import train_step
 from lean.heads import use_fixed_shapes
@@ -24,7 +24,7 @@ def seed_training(root, device, min_size, max_size, task="segment"):
     end (masks and all, as the tutorial's Dataset makes them for either model), and the init's weights."""
     torch.manual_seed(0)
     model = SEED_MODELS[task](min_size, max_size).to(device).train()
-    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    weights = copied(model.state_dict())
     optimizer = make_optimizer(model, 0.0, fused=False)  # the tutorial's SGD, as torch configures it by default
 
     def step(batch):
@@ -46,7 +46,7 @@ def lean_training(
         weights = SEED_MODELS[task](min_size, max_size).state_dict()
     speed = speed or Speed.for_device(device)
     spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, task=task)  # the fine-tuning layout
-    model = create_model(spec, weights, speed, device).train()
+    model = create_model(spec, copied(weights), speed, device).train()  # each variant its own tensors
     model = use_fixed_shapes(model, fixed_shapes) if speed.batched_heads else model
     optimizer = make_optimizer(model, lr, fused=fused)
     loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8, masks=spec.masks)

@@ -118,33 +118,62 @@ def create_model(spec, state=None, speed=None, device="cpu", download=False):
     `speed` (a lean.speed.Speed) applied if given: the one place lean builds a model.
 
     state: a state dict to load; predictors for another number of classes (the COCO weights' 91) make
-    way for fresh ones, as the tutorial replaces them, and the rest must fit. download: start from the
+    way for fresh ones, as the tutorial replaces them, and the rest must fit. Where `state` fits whole (a lean
+    checkpoint's) the model takes its tensors as its own, uncopied. download: start from the
     published weights through torchvision (COCO Mask R-CNN or Faster R-CNN for resnet50_fpn, ImageNet
     backbone for the others); only for a spec in the pretrained layout.
     """
     if download and not spec.pretrained:
         raise ValueError("downloaded weights come in the pretrained layout")
     with downloading("COCO" if spec.backbone in COCO_BACKBONES else "ImageNet"):
-        model = _BUILDERS[spec.backbone](
-            spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size, spec.masks
-        )
+        model = _built(spec, download, state)
     transform = model.transform
     model.transform = Uint8Transform(spec.min_size, spec.max_size, transform.image_mean, transform.image_std)
     heads = model.roi_heads
     heads.box_roi_pool = SparseRoIAlign.like(heads.box_roi_pool)
     if spec.masks:
         heads.mask_roi_pool = SparseRoIAlign.like(heads.mask_roi_pool)
-    if state is not None:
-        try:
-            model.load_state_dict(_with_own_predictors(model, state))
-        except RuntimeError as error:
-            raise LeanError(
-                f"the state dict does not fit a {spec.backbone} {spec.kind} with {spec.num_classes} classes "
-                f"({reason(error)})"
-            ) from None
     fold_frozen_norms(model)
     model = model.to(device)
     return tune_for_speed(model, speed) if speed is not None else model
+
+
+def _built(spec, download, state):
+    """torchvision's model for `spec`, with `state` loaded. Built on the meta device where `state` fills every
+    weight (a lean checkpoint's), so that no weight is initialised only to be overwritten."""
+
+    def build():
+        return _BUILDERS[spec.backbone](
+            spec.num_classes, spec.pretrained, download, spec.min_size, spec.max_size, spec.masks
+        )
+
+    if state is None:
+        return build()
+    with torch.device("meta"):
+        model = build()
+    assign = _fills(model, state)
+    if not assign:  # weights for another number of classes: the predictors are trained afresh
+        model = build()
+        state = _with_own_predictors(model, state)
+    try:
+        model.load_state_dict(state, assign=assign)
+    except RuntimeError as error:
+        raise LeanError(
+            f"the state dict does not fit a {spec.backbone} {spec.kind} with {spec.num_classes} classes "
+            f"({reason(error)})"
+        ) from None
+    anchors = model.rpn.anchor_generator  # tensors made in __init__, outside the state dict: made again
+    anchors.cell_anchors = [anchors.generate_anchors(*levels) for levels in zip(anchors.sizes, anchors.aspect_ratios)]
+    return model
+
+
+def _fills(model, state):
+    """Whether `state` has a tensor of the right shape and type for every entry of `model`'s state dict."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(
+        isinstance(state[key], torch.Tensor) and (state[key].shape, state[key].dtype) == (value.shape, value.dtype)
+        for key, value in own.items()
+    )
 
 
 def create_torchvision_model(spec, state):

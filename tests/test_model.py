@@ -57,6 +57,24 @@ def test_weights_for_another_number_of_classes_keep_all_but_their_predictors(cap
         create_model(PRETRAINED, coco_like)
 
 
+def test_a_model_from_a_whole_state_is_built_on_meta_and_fills_every_tensor_from_it():
+    spec = ModelSpec("resnet18_fpn", ("a", "b"), 128, 224, pretrained=False)
+    torch.manual_seed(0)
+    state = {key: value.clone() for key, value in create_model(spec).state_dict().items()}
+    before = torch.get_rng_state()
+    model = create_model(spec, state).eval()
+    assert torch.equal(torch.get_rng_state(), before)  # nothing was initialised only to be overwritten
+    tensors = [*model.parameters(), *model.buffers(), *model.rpn.anchor_generator.cell_anchors]
+    assert not any(tensor.is_meta for tensor in tensors)
+    assert model.backbone.body.conv1.weight.data_ptr() == state["backbone.body.conv1.weight"].data_ptr()
+    copied = create_model(spec).eval()
+    copied.load_state_dict(state)
+    image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
+    with torch.no_grad():
+        got, want = model([image])[0], copied([image])[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
+
+
 def _first_batch(device, masks=True):
     """A batch of two synthetic images, as lean.train's Loader makes it (uint8 images)."""
     from lean.cache import Cache, build
