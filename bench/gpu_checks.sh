@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_checks.sh [tests] [data] [coco] [train] [profile] [batches] [convergence] [job] [eval] [suite]
 #
-#   tests        the CUDA tests (pinned buffers, side-stream copy, CPU/CUDA equality, nvJPEG, losses equal torchvision's
+#   tests        the CUDA tests (graphed steps against eager ones, pinned buffers, side-stream copy, CPU/CUDA equality, nvJPEG, losses equal torchvision's
 #                on the batched heads' path, bench.syncs against torch.cuda.set_sync_debug_mode, pinned checkpoint
 #                snapshots, masks pasted as torchvision pastes them)
 #   data         the data benchmark, the Loader on CUDA and the host-to-device copy included
@@ -18,7 +18,8 @@
 #   convergence  the convergence command in fp32 eager and with lean's fastest CUDA settings (bf16, canvases,
 #                fused SGD, CUDA graphs)
 #   job          the tutorial's whole job, 10 epochs on Penn-Fudan at 800/1333 with evaluation after each: lean's
-#                cache build and lean.train (its defaults, then with 2 canvas levels a side), then the tutorial's
+#                cache build and lean.train (its defaults, then with 2 canvas levels a side, then also with the
+#                backbone and RPN head replayed as CUDA graphs per canvas: --compile graphs), then the tutorial's
 #                script (bench.seed_job), each process timed whole
 #   eval         the 50 test images on the device, predicting included: the tutorial's evaluation and lean.evaluate
 #   suite        the whole test suite
@@ -55,7 +56,7 @@ for what in "$@"; do
     case $what in
     tests) phase tests "${TESTS_LIMIT:-150}" $python -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_model.py \
                tests/test_heads.py tests/test_syncs.py tests/test_background.py tests/test_paste.py \
-               -k "cuda or gpu" ;;
+               tests/test_graphs.py -k "cuda or gpu or graphed" ;;
     data) phase data 150 $python -m bench.throughput --root "$root" --sections data --repeats 3 --json "$logs/data.json" ;;
     coco) phase coco "${COCO_LIMIT:-150}" $python -m bench.throughput --sections coco --coco-images "${COCO_IMAGES:-100}" \
               --repeats 3 --json "$logs/coco.json" ;;
@@ -76,6 +77,8 @@ for what in "$@"; do
              --out "$runs/job"
          TAIL=6 phase job_lean_2_levels "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none \
              --device cuda --canvas-levels 2 --out "$runs/job_2_levels"
+         TAIL=6 phase job_lean_graphs "${JOB_LIMIT:-300}" $python -m lean.train --cache "$cache" --weights none \
+             --device cuda --canvas-levels 2 --compile graphs --out "$runs/job_graphs"
          TAIL=4 phase job_seed "${JOB_LIMIT:-300}" $python -m bench.seed_job --root "$root" --device cuda ;;
     eval) phase eval "${EVAL_LIMIT:-150}" $python -m bench.throughput --root "$root" --sections eval --repeats 2 \
               --json "$logs/eval.json" ;;

@@ -9,6 +9,7 @@ import torch
 from bench.common import copied, epochs, scratch_cache, time_steps
 from bench.seed_pipeline import seed_detector, seed_loader, seed_model, seed_step
 from lean.engine import train_step
+from lean.graphs import capture_graphs
 from lean.heads import use_fixed_shapes
 from lean.loader import Loader
 from lean.model import ModelSpec, create_model
@@ -48,6 +49,8 @@ def lean_training(
     spec = ModelSpec("resnet50_fpn", ("person",), min_size, max_size, task=task)  # the fine-tuning layout
     model = create_model(spec, copied(weights), speed, device).train()  # each variant its own tensors
     model = use_fixed_shapes(model, fixed_shapes) if speed.batched_heads else model
+    if speed.compile == "graphs":
+        capture_graphs(model, batch_size, speed.amp)
     optimizer = make_optimizer(model, lr, fused=fused)
     loader = Loader(cache, batch_size=batch_size, device=device, dtype=torch.uint8, masks=spec.masks)
     scheduler = make_scheduler(optimizer, len(loader))
@@ -66,14 +69,16 @@ def lean_training(
 def lean_variants(device, inductor):
     """{label: (Speed, fused SGD or None for the default)}: lean's default for the device first, then the same
     step with its heads the other way (batched or torchvision's), and on CUDA with the backbone replayed as CUDA
-    graphs; with `inductor`, the backbone compiled by inductor. (Canvases and fused SGD were measured once on
-    an H100, docs/performance-log.md, and are defaults.)"""
+    graphs (dynamo's backend, and lean.graphs' per canvas with the RPN head); with `inductor`, the backbone
+    compiled by inductor. (Canvases and fused SGD were measured once on an H100, docs/performance-log.md, and
+    are defaults.)"""
     default = Speed.for_device(device)
     other_heads = dataclasses.replace(default, batched_heads=not default.batched_heads)
     variants = {f"lean's default ({default})": (default, None)}
     variants["batched heads" if other_heads.batched_heads else "torchvision's heads"] = (other_heads, None)
     if device.type == "cuda":
         variants["CUDA graphs (--compile cudagraphs)"] = (dataclasses.replace(default, compile="cudagraphs"), None)
+        variants["graphs per canvas (--compile graphs)"] = (dataclasses.replace(default, compile="graphs"), None)
     if inductor:
         variants["inductor"] = (dataclasses.replace(default, compile="inductor", canvases=True), None)
     return variants

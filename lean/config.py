@@ -95,8 +95,8 @@ class TrainConfig:
             raise SettingError("patience", "counts evaluations, and --no-eval leaves none")
         if self.device == "cpu" and self.amp == "fp16":
             raise SettingError("amp", "fp16 is for CUDA; use bf16 or off on the CPU")
-        if self.device == "cpu" and self.compile == "cudagraphs":
-            raise SettingError("compile", "cudagraphs is for CUDA; use inductor on the CPU")
+        if self.device == "cpu" and self.compile in ("cudagraphs", "graphs"):
+            raise SettingError("compile", f"{self.compile} is for CUDA; use inductor on the CPU")
 
     def to_dict(self):
         """Plain values only (paths as strings), as a checkpoint stores them."""

@@ -14,7 +14,7 @@ from lean.heads import batch_heads
 from lean.internals import cpu_computes_in_bf16, set_recompile_limit
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-COMPILE = ("off", "inductor", "cudagraphs")
+COMPILE = ("off", "inductor", "cudagraphs", "graphs")  # graphs: lean.graphs, recorded once the run's batch is known
 # Dynamo keeps a graph per input shape: a compiled backbone meets every canvas, at two batch sizes (an
 # epoch's last batch may be short).
 RECOMPILE_LIMIT = 2 * CANVAS_LEVELS**2

@@ -33,6 +33,7 @@ from lean.ema import WeightsEMA
 from lean.engine import RunState, StopSignals, train_one_epoch, validation_losses
 from lean.errors import LeanError
 from lean.evaluate import detections, predict
+from lean.graphs import capture_graphs
 from lean.loader import Loader
 from lean.model import BACKBONES, TASKS, ModelSpec, create_model
 from lean.monitor import Monitor, NonFiniteLoss, StartUp, TrainingLog
@@ -73,6 +74,9 @@ def train(config, device, process, start_up):
     )
     spec, model = make_model(config, run_task(config, cache, test_cache), cache, speed, device, process)
     start_up.mark("model")
+    graphs = capture_graphs(model, config.batch_size, speed.amp) if speed.compile == "graphs" else None
+    if graphs is not None:
+        start_up.mark("graphs")
     factors = config.repeat_factor and image_repeat_factors(cache, train_indices, config.repeat_factor)
     loader = Loader(cache, config.batch_size, seed=config.seed, device=device, indices=train_indices, train=True,
                     rank=process.rank, world_size=process.world_size, dtype=torch.uint8,
@@ -113,6 +117,7 @@ def train(config, device, process, start_up):
                   f"{len(loader)} iterations/epoch x {config.epochs} epochs, batch {config.batch_size} x "
                   f"{process.world_size} process(es), {device}, {speed}; writing {out}")  # fmt: skip
         log.print(cpu_hint(config, device))
+        log.print(graphs and graphs_line(graphs, device))
         if factors is not None:
             log.print(f"repeat-factor sampling (--repeat-factor {config.repeat_factor}): images taken x1 to "
                       f"x{factors.max():.2f}, {round(factors.sum())} an epoch of {len(factors)}")  # fmt: skip
@@ -196,6 +201,13 @@ def image_repeat_factors(cache, indices, threshold):
 def evaluation_due(config, epoch, last_iteration):
     """After every --eval-every-th epoch and after the run's last, unless --no-eval."""
     return not config.no_eval and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or last_iteration)
+
+
+def graphs_line(graphs, device):
+    recorded, seconds = graphs
+    if not recorded:
+        return f"--compile graphs: CUDA graphs need a GPU, and this run is on {device}: its steps run eager"
+    return f"--compile graphs: {recorded} CUDA graphs recorded in {seconds:.1f} s (backbone and RPN head, each canvas)"
 
 
 def cpu_hint(config, device):
@@ -359,7 +371,8 @@ def parse_args(argv):
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="default: on where bf16 is (CUDA, CPUs with bf16 hardware), else off")  # fmt: skip
     speed.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE,
-                       help="compile the backbone: inductor (the flag alone) or cudagraphs (CUDA, for long runs); "
+                       help="compile the backbone: inductor (the flag alone), cudagraphs (dynamo's backend), or "
+                            "graphs (backbone and RPN head recorded as CUDA graphs per canvas at start-up); "
                             "default: off")  # fmt: skip
     speed.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eager")
     speed.add_argument("--canvas-levels", type=int, help="side lengths per axis that batches are padded to where "

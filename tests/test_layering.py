@@ -8,7 +8,7 @@ import pytest
 
 LEAN = Path(__file__).resolve().parent.parent / "lean"
 FLOORS = [
-    "errors progress masks targets sampling canvas internals heads paste",  # plain data, private names, torch alone
+    "errors progress masks targets sampling canvas internals heads paste graphs",  # plain data, torch alone
     "files config cli download example images weights optim distributed frozen_norm roi_align transform "
     "speed background coco_fields cache.format cache.verify ema board",
     "coco pennfudan synthetic cache.writer cache.reader cache.export cache.__main__ staging monitor model plot engine "

@@ -151,6 +151,7 @@ def test_sigint_saves_where_it_stopped_and_resume_finishes(tiny, tmp_path):
         (["--optimizer", "adam"], "--optimizer: invalid choice"),
         (["--resume"], "--resume: needs --out"),
         (["--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
+        (["--compile", "graphs", "--device", "cpu"], "graphs is for CUDA"),
         (["--cache", "nowhere.h5"], "nowhere.h5: no such file"),
         (["--patience", "0"], "--patience: must be at least 1"),
         (["--ema", "1"], "--ema: must be between 0 and 1"),
