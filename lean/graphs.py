@@ -69,11 +69,11 @@ def _autocast(amp):
     return torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False)
 
 
-def _image_key(images, amp=None):
+def _image_key(images, amp):
     return "images", tuple(images.shape), images.dtype, images.is_contiguous(memory_format=torch.channels_last), amp
 
 
-def _maps_key(maps, amp=None):
+def _maps_key(maps, amp):
     return "maps", tuple(tuple(m.shape) for m in maps), maps[0].dtype, amp
 
 

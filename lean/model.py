@@ -162,8 +162,9 @@ def _built(spec, download, state):
             f"the state dict does not fit a {spec.backbone} {spec.kind} with {spec.num_classes} classes "
             f"({reason(error)})"
         ) from None
-    anchors = model.rpn.anchor_generator  # tensors made in __init__, outside the state dict: made again
-    anchors.cell_anchors = [anchors.generate_anchors(*levels) for levels in zip(anchors.sizes, anchors.aspect_ratios)]
+    if assign:  # the anchors are tensors made in __init__, outside the state dict: on meta, made again
+        anchors = model.rpn.anchor_generator
+        anchors.cell_anchors = [anchors.generate_anchors(*level) for level in zip(anchors.sizes, anchors.aspect_ratios)]
     return model
 
 

@@ -103,13 +103,13 @@ def synthesize_classes(seed, index, classes, rare=1):
     """(H x W x 3 uint8 image, N x H x W uint8 masks, (N,) int64 labels 1..classes) of image `index`: figures of
     `classes` kinds, translucent, their masks whole where they overlap; the last kind `rare` times less often."""
     rng = _rng([seed, classes] if rare == 1 else [seed, classes, rare], index)
-    weights = np.array([1.0] * (classes - 1) + [1.0 / rare])
+    shares = np.array([1.0] * (classes - 1) + [1.0 / rare]) / (classes - 1 + 1.0 / rare)
     height, width = image_size(seed, index)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
     image = _background(rng, rows, cols)
     masks, labels = [], []
     for _ in range(rng.integers(0, MAX_FIGURES + 1)):
-        label = int(rng.integers(1, classes + 1) if rare == 1 else rng.choice(classes, p=weights / weights.sum()) + 1)
+        label = int(rng.integers(1, classes + 1) if rare == 1 else rng.choice(classes, p=shares) + 1)
         figure = _figure_layout(rng, height, width)
         shape = _shape(KINDS[label - 1], rng, figure, rows, cols)
         if not shape.any():  # wholly outside the image
